@@ -1,0 +1,233 @@
+"""JetStream layout and the one way services talk over it.
+
+Streams, the prompt-store bucket, the durable consumers and the dead-letter path are declared here
+and nowhere else. Streams are created once by :func:`ensure_streams` (run by ``ratchet up`` with
+admin rights); services only bind to them, which their NATS users allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import nats
+from faststream import AckPolicy, BaseMiddleware
+from faststream.exceptions import AckMessage, NackMessage
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsUserPassword, PullSub
+from faststream.nats.message import NatsMessage
+from faststream.nats.publisher.usecase import LogicPublisher
+from nats.errors import NotJSMessageError
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+from pydantic import ValidationError
+
+from ratchet.contracts import DeadLetter, Event
+from ratchet.settings import Settings
+
+log = logging.getLogger("ratchet.messaging")
+
+EVENTS_STREAM = "RATCHET"
+EVENTS_SUBJECTS = ["run.>", "failure.>", "change.>"]
+DLQ_STREAM = "RATCHET_DLQ"
+DLQ_PREFIX = "dlq"
+PROMPTS_BUCKET = "prompts"
+PROMPT_HISTORY = 64
+DUPLICATE_WINDOW_S = 600.0
+QUERY_PREFIX = "query"  # request/reply subjects, outside every stream
+
+# Services bind to the stream; they never create or change it.
+events_stream = JStream(name=EVENTS_STREAM, declare=False)
+
+# Redelivery backoff for a handler that raised: attempt n waits BACKOFF_S[n-1] seconds.
+BACKOFF_S = (0.2, 1.0, 3.0, 10.0, 30.0)
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create (or update) the streams and the prompt bucket. Idempotent; needs admin rights."""
+    for config in (
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=EVENTS_SUBJECTS,
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            max_age=30 * 24 * 3600,
+        ),
+        StreamConfig(
+            name=DLQ_STREAM,
+            subjects=[f"{DLQ_PREFIX}.>"],
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+        ),
+    ):
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+    await js.create_key_value(
+        KeyValueConfig(bucket=PROMPTS_BUCKET, history=PROMPT_HISTORY, storage=StorageType.FILE)
+    )
+
+
+async def connect(
+    settings: Settings, *, name: str, reconnect: bool = True
+) -> nats.aio.client.Client:
+    """A plain nats-py connection as this process's NATS user (CLI, prompt store, admin).
+
+    A one-shot client (the CLI) passes ``reconnect=False``: an unreachable server then fails
+    within a few seconds instead of being retried (nats-py retries the first connect regardless).
+    """
+    attempt = nats.connect(
+        settings.nats_url,
+        name=name,
+        user=settings.nats_user,
+        password=settings.nats_password,
+        connect_timeout=2,
+        allow_reconnect=reconnect,
+        max_reconnect_attempts=-1 if reconnect else 0,
+        error_cb=_log_error if reconnect else _ignore_error,
+    )
+    return await (attempt if reconnect else asyncio.wait_for(attempt, timeout=5))
+
+
+async def _log_error(exc: Exception) -> None:
+    log.error("nats: %s", exc)
+
+
+async def _ignore_error(exc: Exception) -> None:
+    log.debug("nats: %s", exc)
+
+
+def make_broker(settings: Settings, *, name: str) -> NatsBroker:
+    """A broker for one service, authenticated as that service's NATS user."""
+    broker = NatsBroker(
+        settings.nats_url,
+        name=name,
+        security=(
+            NatsUserPassword(settings.nats_user, settings.nats_password or "")
+            if settings.nats_user
+            else None
+        ),
+        connect_timeout=5,
+        max_reconnect_attempts=-1,
+        logger=logging.getLogger(f"ratchet.{name}"),
+    )
+    broker.add_middleware(partial(DeadLetterMiddleware, max_deliver=settings.max_deliver))
+    return broker
+
+
+def durable_subscriber(
+    broker: NatsBroker,
+    subject: str,
+    *,
+    durable: str,
+    settings: Settings,
+    description: str | None = None,
+) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
+    """A durable pull consumer on the events stream with Ratchet's delivery guarantees.
+
+    Replicas of a service share ``durable`` and so split the work. A handler that raises is
+    nacked and redelivered with backoff, up to ``settings.max_deliver`` deliveries; then, or at
+    once for a message that does not parse, the message goes to ``dlq.<subject>``.
+    Note that JetStream ignores a changed ``ack_wait``/``max_deliver`` on an existing consumer.
+    """
+    return broker.subscriber(
+        subject,
+        stream=events_stream,
+        durable=durable,
+        pull_sub=PullSub(batch_size=settings.workers, timeout=1.0),
+        config=ConsumerConfig(
+            ack_wait=settings.ack_wait_s,
+            max_deliver=settings.max_deliver,
+            max_ack_pending=max(64, settings.workers * 8),
+        ),
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        max_workers=settings.workers,
+        description=description,
+    )
+
+
+def event_publisher(broker: NatsBroker, event_type: type[Event]) -> LogicPublisher:
+    """A documented publisher of one event type (it appears in the service's AsyncAPI)."""
+    return broker.publisher(
+        event_type.subject,
+        stream=events_stream,
+        schema=event_type,
+        description=(event_type.__doc__ or "").strip() or None,
+    )
+
+
+async def publish(publisher: LogicPublisher, event: Event) -> None:
+    """Publish to JetStream and wait for the ack; ``Nats-Msg-Id`` makes a retry harmless."""
+    await publisher.publish(
+        event,
+        headers={"Nats-Msg-Id": f"{event.subject}:{event.id}"},
+        stream=EVENTS_STREAM,
+        timeout=10.0,
+    )
+
+
+def dead_letter_subject(subject: str) -> str:
+    return f"{DLQ_PREFIX}.{subject}"
+
+
+class DeadLetterMiddleware(BaseMiddleware):
+    """Routes messages that cannot be handled to ``dlq.<subject>`` with the reason.
+
+    Sits inside FastStream's acknowledgement middleware: raising ``AckMessage`` acknowledges the
+    original once the dead letter is stored, ``NackMessage`` asks for a delayed redelivery.
+    """
+
+    def __init__(self, msg: Any, /, *, context: Any, max_deliver: int) -> None:
+        super().__init__(msg, context=context)
+        self.max_deliver = max_deliver
+
+    async def consume_scope(
+        self, call_next: Callable[[Any], Awaitable[Any]], msg: NatsMessage
+    ) -> Any:
+        raw = msg.raw_message
+        try:
+            deliveries = raw.metadata.num_delivered
+        except NotJSMessageError:  # a core (request/reply) message: nothing to redeliver
+            return await call_next(msg)
+        try:
+            return await call_next(msg)
+        except ValidationError as exc:
+            await _dead_letter(raw, f"malformed message: {_summary(exc)}", deliveries)
+            raise AckMessage() from exc
+        except Exception as exc:
+            if deliveries >= self.max_deliver:
+                await _dead_letter(raw, f"handler failed {deliveries} times: {exc!r}", deliveries)
+                raise AckMessage() from exc
+            log.warning("handler failed on %s (delivery %d): %r", raw.subject, deliveries, exc)
+            delay = BACKOFF_S[min(deliveries, len(BACKOFF_S)) - 1]
+            raise NackMessage(delay=delay) from exc
+
+
+def _summary(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+    return f"{exc.error_count()} error(s), first at {where}: {first.get('msg')}"
+
+
+async def _dead_letter(raw: nats.aio.msg.Msg, reason: str, deliveries: int) -> None:
+    letter = DeadLetter(
+        subject=raw.subject,
+        reason=reason,
+        deliveries=deliveries,
+        payload=raw.data.decode("utf-8", errors="replace"),
+    )
+    meta = raw.metadata
+    msg_id = f"dlq:{meta.stream}:{meta.sequence.stream}"
+    js = raw._client.jetstream()  # the connection the message arrived on
+    await js.publish(
+        dead_letter_subject(raw.subject),
+        letter.model_dump_json().encode(),
+        stream=DLQ_STREAM,
+        headers={"Nats-Msg-Id": msg_id},
+        timeout=10.0,
+    )
+    log.error("dead-lettered %s: %s", raw.subject, reason)

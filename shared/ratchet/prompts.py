@@ -1,0 +1,156 @@
+"""The prompt store: task prompts in a JetStream key-value bucket, one key per task.
+
+The bucket keeps history, so every version stays readable and the KV revision is the version
+number. Everyone reads (:class:`PromptReader` watches the bucket so a new version takes effect
+without a restart); only the gatekeeper writes (:class:`PromptWriter`), and the NATS server
+refuses a write from any other user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from datetime import UTC, datetime
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from pydantic import BaseModel, ConfigDict
+
+from ratchet.messaging import PROMPTS_BUCKET
+
+log = logging.getLogger("ratchet.prompts")
+
+DEFAULT_PROMPT = "Complete the user's task."
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class PromptRecord(BaseModel):
+    """What one version holds: the text and the change that made it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    change_id: str | None = None
+    note: str = ""
+
+    @property
+    def sha256(self) -> str:
+        return sha256_text(self.text)
+
+
+class PromptVersion(BaseModel):
+    task: str
+    version: int
+    record: PromptRecord
+    created: datetime | None = None
+
+
+class StaleVersionError(RuntimeError):
+    """The prompt changed since the version a write was based on (compare-and-set failed)."""
+
+
+class PromptReader:
+    """A live, read-only view of the current prompt of every task."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._current: dict[str, PromptVersion] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        kv = await self._js.key_value(PROMPTS_BUCKET)
+        watcher = await kv.watchall()
+        self._watch_task = asyncio.create_task(self._follow(watcher))
+        await asyncio.wait_for(self._ready.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:  # the initial values have all arrived
+                    self._ready.set()
+                    continue
+                if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                    self._current.pop(entry.key, None)
+                    continue
+                self._current[entry.key] = _version(entry)
+                log.info("prompt %s is now version %s", entry.key, entry.revision)
+        finally:
+            await watcher.stop()
+
+    def current(self, task: str) -> PromptVersion | None:
+        return self._current.get(task)
+
+
+class PromptWriter:
+    """The write side. Only the gatekeeper's NATS user may publish to the bucket."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    @classmethod
+    async def connect(cls, js: JetStreamContext) -> PromptWriter:
+        return cls(await js.key_value(PROMPTS_BUCKET))
+
+    async def seed(self, task: str, record: PromptRecord) -> bool:
+        """Write the first version of a task's prompt; False if the task already has one."""
+        try:
+            await self._kv.create(task, record.model_dump_json().encode())
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def write(self, task: str, record: PromptRecord, *, base_version: int) -> int:
+        """Write a new version only if ``base_version`` is still current; returns the new one."""
+        try:
+            return await self._kv.update(task, record.model_dump_json().encode(), last=base_version)
+        except KeyWrongLastSequenceError as exc:
+            raise StaleVersionError(
+                f"prompt for {task!r} is no longer version {base_version}"
+            ) from exc
+
+
+async def read_current(js: JetStreamContext, task: str) -> PromptVersion | None:
+    """One-off read of a task's current prompt (no watch)."""
+    kv = await js.key_value(PROMPTS_BUCKET)
+    try:
+        entry = await kv.get(task)
+    except KeyNotFoundError:
+        return None
+    return _version(entry)
+
+
+async def read_history(js: JetStreamContext, task: str) -> list[PromptVersion]:
+    """Every stored version of a task's prompt, oldest first."""
+    kv = await js.key_value(PROMPTS_BUCKET)
+    try:
+        entries = await kv.history(task)
+    except (NoKeysError, NatsTimeoutError):
+        return []
+    return [_version(e) for e in entries if e.value and e.operation not in (KV_DEL, KV_PURGE)]
+
+
+def _version(entry: KeyValue.Entry) -> PromptVersion:
+    assert entry.value is not None and entry.revision is not None
+    created = (
+        datetime.fromtimestamp(entry.created / 1e9, UTC) if isinstance(entry.created, int) else None
+    )
+    return PromptVersion(
+        task=entry.key,
+        version=entry.revision,
+        record=PromptRecord.model_validate_json(entry.value),
+        created=created,
+    )

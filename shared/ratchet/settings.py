@@ -1,0 +1,82 @@
+"""Configuration, read from ``RATCHET_*`` environment variables (or a ``.env`` file)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ModelSettings(BaseSettings):
+    """One model: ``spec`` picks the provider, see :func:`ratchet.models.make_chat_model`."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    spec: str = "local"
+    base_url: str | None = None
+    api_key: str | None = None
+    temperature: float = 0.0
+    max_tokens: int = 256
+    timeout_s: float = 120.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RATCHET_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str | None = None
+    nats_password: str | None = None
+
+    home: Path = Field(default=Path(".ratchet"), description="Where state lives: db, nats data.")
+    store_url: str = Field(
+        default="", description='"sqlite:///path.db" or "mongodb://…"; empty = sqlite in home.'
+    )
+    rules_path: Path = REPO_ROOT / "config" / "behavior_rules.json"
+    suites_dir: Path = REPO_ROOT / "config" / "suites"
+
+    agent: ModelSettings = Field(default_factory=ModelSettings)
+    judge: ModelSettings = Field(default_factory=ModelSettings)
+    proposer: ModelSettings = Field(default_factory=ModelSettings)
+    local_model_port: int = 8088
+
+    agent_factory: str | None = Field(
+        default=None, description='Your own agent: "package.module:function", see docs.'
+    )
+    agent_tools: list[str] = Field(default_factory=lambda: ["calculator", "word_count"])
+
+    failure_threshold: float = 0.7
+    max_deliver: int = 5
+    ack_wait_s: float = 300.0
+    workers: int = Field(default=8, description="Messages a service handles concurrently.")
+    judge_attempts: int = 3
+    agent_max_steps: int = 6
+
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{self.home / 'ratchet.db'}"
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The environment that recreates ``settings`` in a child process."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json", exclude_none=True).items():
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if inner is not None:
+                    env[f"RATCHET_{name.upper()}__{key.upper()}"] = str(inner)
+        elif isinstance(value, list):
+            env[f"RATCHET_{name.upper()}"] = json.dumps(value)
+        else:
+            env[f"RATCHET_{name.upper()}"] = str(value)
+    return env
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

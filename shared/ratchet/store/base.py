@@ -1,0 +1,144 @@
+"""The store interface every backend implements, and the records it keeps.
+
+Services depend on :class:`Store` only; which database sits behind it is configuration
+(see :func:`ratchet.store.open_store`). ``tests/unit/test_store_contract.py`` is the contract:
+a backend is done when it passes that suite.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import to_jsonable_python
+
+from ratchet.audit import canonical_json
+from ratchet.contracts import RunCompleted, RunScored, TraceStep, utcnow
+
+
+class StoredRun(BaseModel):
+    """A run as far as it is known: the executor's and evaluator's events arrive in any order."""
+
+    run_id: str
+    task: str
+    completed: RunCompleted | None = None
+    scored: RunScored | None = None
+
+
+class FailureRecord(BaseModel):
+    """A run that scored below the threshold, with what the proposer needs to learn from it."""
+
+    run_id: str
+    task: str
+    input: str
+    output: str
+    score: float
+    problems: list[str] = Field(default_factory=list)
+    trace: list[TraceStep] = Field(default_factory=list)
+    prompt_version: int
+    rules_sha256: str
+    model: str
+    logged_at: AwareDatetime = Field(default_factory=utcnow)
+
+    @field_validator("logged_at")
+    @classmethod
+    def _in_utc(cls, value: datetime) -> datetime:
+        return value.astimezone(UTC)
+
+
+class FailureQuery(BaseModel):
+    """Which failures to list: all filters combine; results come newest first.
+
+    The time range is half-open (``since <= logged_at < until``), so consecutive windows never
+    count a failure twice. ``problem`` matches a case-insensitive substring of any problem.
+    """
+
+    task: str | None = None
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    problem: str | None = None
+    limit: int = Field(default=100, ge=1)
+
+
+class AuditRecord(BaseModel):
+    """One entry of the append-only audit trail; ``hash`` chains it to the entry before."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seq: int
+    change_id: str
+    kind: str
+    actor: str
+    payload: dict[str, Any]
+    at: AwareDatetime
+    prev_hash: str
+    hash: str
+
+
+def jsonable_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload as it will read back from storage (datetimes as text, tuples as lists, ...).
+
+    Hashing this form, not the caller's objects, keeps the hash reproducible from the stored row.
+    """
+    normalized: dict[str, Any] = json.loads(canonical_json(to_jsonable_python(payload)))
+    return normalized
+
+
+class Store(ABC):
+    """Runs, failures and the audit trail, shared by the failure-store service and the gatekeeper.
+
+    Every write is idempotent or append-only, because events arrive at least once.
+    """
+
+    @abstractmethod
+    async def save_completed(self, run: RunCompleted) -> StoredRun:
+        """Record a run's output (upsert by run id) and return what is known of the run."""
+
+    @abstractmethod
+    async def save_scored(self, score: RunScored) -> StoredRun:
+        """Record a run's score (upsert by run id) and return what is known of the run."""
+
+    @abstractmethod
+    async def get_run(self, run_id: str) -> StoredRun | None:
+        """The run, or None if neither of its events has been saved."""
+
+    @abstractmethod
+    async def add_failure(self, failure: FailureRecord) -> bool:
+        """Log a failure once: False (and nothing changed) if that run is already a failure."""
+
+    @abstractmethod
+    async def failures(self, query: FailureQuery) -> list[FailureRecord]:
+        """Failures matching ``query``, newest first, at most ``query.limit``."""
+
+    @abstractmethod
+    async def count_failures(self, task: str, since: datetime | None = None) -> int:
+        """How many failures a task has had (since ``since``, inclusive)."""
+
+    @abstractmethod
+    async def append_audit(
+        self, change_id: str, kind: str, actor: str, payload: dict[str, Any]
+    ) -> AuditRecord:
+        """Append to the one global hash chain; safe when several processes append at once."""
+
+    @abstractmethod
+    async def audit(self, change_id: str | None = None) -> list[AuditRecord]:
+        """The trail (or one change's part of it), ordered by seq."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the connection; the store is not used afterwards."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()

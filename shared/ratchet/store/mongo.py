@@ -1,0 +1,206 @@
+"""The production backend: MongoDB through PyMongo's async API (Motor's successor).
+
+Idempotency rests on unique keys: a run and a failure are keyed by run id, an audit record by its
+seq. Two appenders that read the same chain head race for the same seq; the loser gets a
+duplicate-key error and retries on the new head, so the chain never forks. Events, failure records
+and audit payloads are stored as JSON text, which keeps them (and so the audit hashes) byte-exact:
+BSON would cut datetimes to milliseconds and drop their timezone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from datetime import datetime
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError
+
+from ratchet.audit import GENESIS_HASH, record_hash, utc_text
+from ratchet.contracts import RunCompleted, RunScored, utcnow
+from ratchet.store.base import (
+    AuditRecord,
+    FailureQuery,
+    FailureRecord,
+    Store,
+    StoredRun,
+    jsonable_payload,
+)
+
+DEFAULT_DATABASE = "ratchet"
+APPEND_ATTEMPTS = 100
+
+Document = dict[str, Any]
+
+
+def _run(doc: Document) -> StoredRun:
+    completed, scored = doc.get("completed"), doc.get("scored")
+    return StoredRun(
+        run_id=doc["_id"],
+        task=doc["task"],
+        completed=RunCompleted.model_validate_json(completed) if completed else None,
+        scored=RunScored.model_validate_json(scored) if scored else None,
+    )
+
+
+def _audit(doc: Document) -> AuditRecord:
+    return AuditRecord(
+        seq=doc["_id"],
+        change_id=doc["change_id"],
+        kind=doc["kind"],
+        actor=doc["actor"],
+        payload=json.loads(doc["payload"]),
+        at=datetime.fromisoformat(doc["at"]),
+        prev_hash=doc["prev_hash"],
+        hash=doc["hash"],
+    )
+
+
+def _failure_filter(
+    task: str | None,
+    since: datetime | None,
+    until: datetime | None = None,
+    problem: str | None = None,
+) -> Document:
+    filter_: Document = {}
+    if task is not None:
+        filter_["task"] = task
+    logged_at: Document = {}
+    if since is not None:
+        logged_at["$gte"] = utc_text(since)
+    if until is not None:
+        logged_at["$lt"] = utc_text(until)
+    if logged_at:
+        filter_["logged_at"] = logged_at
+    if problem is not None:
+        filter_["problems"] = {"$regex": re.escape(problem), "$options": "i"}
+    return filter_
+
+
+class MongoStore(Store):
+    """Collections ``runs``, ``failures`` and ``audit`` in the URL's database."""
+
+    def __init__(self, url: str) -> None:
+        self._client: AsyncMongoClient[Document] = AsyncMongoClient(url)
+        database = self._client.get_default_database(DEFAULT_DATABASE)
+        self.database_name = database.name
+        self._runs: AsyncCollection[Document] = database["runs"]
+        self._failures: AsyncCollection[Document] = database["failures"]
+        self._audit: AsyncCollection[Document] = database["audit"]
+        self._indexes_lock = asyncio.Lock()
+        self._indexes_ready = False
+
+    async def _ready(self) -> None:
+        """Create the indexes once per process (idempotent on the server too)."""
+        async with self._indexes_lock:
+            if not self._indexes_ready:
+                await self._failures.create_index([("task", ASCENDING), ("logged_at", DESCENDING)])
+                await self._failures.create_index([("logged_at", DESCENDING)])
+                await self._audit.create_index([("change_id", ASCENDING), ("_id", ASCENDING)])
+                self._indexes_ready = True
+
+    async def _upsert_run(self, run_id: str, task: str, field: str, event_json: str) -> StoredRun:
+        await self._ready()
+        doc = await self._runs.find_one_and_update(
+            {"_id": run_id},
+            {"$set": {field: event_json}, "$setOnInsert": {"task": task}},
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+        assert doc is not None  # an upsert returning the document after it always has one
+        return _run(doc)
+
+    async def save_completed(self, run: RunCompleted) -> StoredRun:
+        return await self._upsert_run(run.run_id, run.task, "completed", run.model_dump_json())
+
+    async def save_scored(self, score: RunScored) -> StoredRun:
+        return await self._upsert_run(score.run_id, score.task, "scored", score.model_dump_json())
+
+    async def get_run(self, run_id: str) -> StoredRun | None:
+        await self._ready()
+        doc = await self._runs.find_one({"_id": run_id})
+        return _run(doc) if doc else None
+
+    async def add_failure(self, failure: FailureRecord) -> bool:
+        await self._ready()
+        try:
+            await self._failures.insert_one(
+                {
+                    "_id": failure.run_id,
+                    "task": failure.task,
+                    "logged_at": utc_text(failure.logged_at),
+                    "problems": failure.problems,
+                    "record": failure.model_dump_json(),
+                }
+            )
+        except DuplicateKeyError:
+            return False
+        return True
+
+    async def failures(self, query: FailureQuery) -> list[FailureRecord]:
+        await self._ready()
+        cursor = (
+            self._failures.find(
+                _failure_filter(query.task, query.since, query.until, query.problem),
+                projection={"record": True},
+            )
+            .sort([("logged_at", DESCENDING), ("_id", DESCENDING)])
+            .limit(query.limit)
+        )
+        return [FailureRecord.model_validate_json(doc["record"]) async for doc in cursor]
+
+    async def count_failures(self, task: str, since: datetime | None = None) -> int:
+        await self._ready()
+        return await self._failures.count_documents(_failure_filter(task, since))
+
+    async def append_audit(
+        self, change_id: str, kind: str, actor: str, payload: dict[str, Any]
+    ) -> AuditRecord:
+        await self._ready()
+        payload = jsonable_payload(payload)
+        for _ in range(APPEND_ATTEMPTS):
+            head = await self._audit.find_one({}, sort=[("_id", DESCENDING)])
+            seq, prev_hash = (head["_id"] + 1, head["hash"]) if head else (1, GENESIS_HASH)
+            at = utcnow()
+            record = AuditRecord(
+                seq=seq,
+                change_id=change_id,
+                kind=kind,
+                actor=actor,
+                payload=payload,
+                at=at,
+                prev_hash=prev_hash,
+                hash=record_hash(prev_hash, seq, change_id, kind, actor, payload, at),
+            )
+            try:
+                await self._audit.insert_one(
+                    {
+                        "_id": seq,
+                        "change_id": change_id,
+                        "kind": kind,
+                        "actor": actor,
+                        "payload": json.dumps(payload),
+                        "at": utc_text(at),
+                        "prev_hash": prev_hash,
+                        "hash": record.hash,
+                    }
+                )
+            except DuplicateKeyError:
+                # Another appender took this seq first: back off a little and chain onto theirs.
+                await asyncio.sleep(random.uniform(0, 0.01))
+                continue
+            return record
+        raise RuntimeError(f"audit append lost the race for seq {APPEND_ATTEMPTS} times in a row")
+
+    async def audit(self, change_id: str | None = None) -> list[AuditRecord]:
+        await self._ready()
+        filter_: Document = {} if change_id is None else {"change_id": change_id}
+        cursor = self._audit.find(filter_).sort("_id", ASCENDING)
+        return [_audit(doc) async for doc in cursor]
+
+    async def close(self) -> None:
+        await self._client.close()

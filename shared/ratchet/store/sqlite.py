@@ -1,0 +1,251 @@
+"""The embedded backend: one SQLite file that several processes on one machine share.
+
+WAL mode lets readers run while one process writes; ``busy_timeout`` makes a writer wait for the
+lock instead of failing. Audit appends take the write lock first (``BEGIN IMMEDIATE``), so two
+processes never read the same chain head. Events are stored as their JSON, which keeps
+timezones and every field exactly as they were published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from ratchet.audit import GENESIS_HASH, record_hash, utc_text
+from ratchet.contracts import RunCompleted, RunScored, utcnow
+from ratchet.store.base import (
+    AuditRecord,
+    FailureQuery,
+    FailureRecord,
+    Store,
+    StoredRun,
+    jsonable_payload,
+)
+
+BUSY_TIMEOUT_MS = 30_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id    TEXT PRIMARY KEY,
+    task      TEXT NOT NULL,
+    completed TEXT,
+    scored    TEXT
+);
+CREATE TABLE IF NOT EXISTS failures (
+    run_id    TEXT PRIMARY KEY,
+    task      TEXT NOT NULL,
+    logged_at TEXT NOT NULL,
+    problems  TEXT NOT NULL,
+    record    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS failures_by_task_time ON failures (task, logged_at);
+CREATE INDEX IF NOT EXISTS failures_by_time ON failures (logged_at);
+CREATE TABLE IF NOT EXISTS audit (
+    seq       INTEGER PRIMARY KEY,
+    change_id TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    actor     TEXT NOT NULL,
+    payload   TEXT NOT NULL,
+    at        TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_change ON audit (change_id, seq);
+"""
+
+RUN_COLUMNS = "run_id, task, completed, scored"
+AUDIT_COLUMNS = "seq, change_id, kind, actor, payload, at, prev_hash, hash"
+
+
+def _any_problem_contains(problems_json: str, needle: str) -> bool:
+    """SQL function: Python's case folding, so the filter matches the Mongo backend's."""
+    folded = needle.casefold()
+    return any(folded in problem.casefold() for problem in json.loads(problems_json))
+
+
+def _run(row: aiosqlite.Row) -> StoredRun:
+    run_id, task, completed, scored = row
+    return StoredRun(
+        run_id=run_id,
+        task=task,
+        completed=RunCompleted.model_validate_json(completed) if completed else None,
+        scored=RunScored.model_validate_json(scored) if scored else None,
+    )
+
+
+def _audit(row: aiosqlite.Row) -> AuditRecord:
+    seq, change_id, kind, actor, payload, at, prev_hash, hash_ = row
+    return AuditRecord(
+        seq=seq,
+        change_id=change_id,
+        kind=kind,
+        actor=actor,
+        payload=json.loads(payload),
+        at=datetime.fromisoformat(at),
+        prev_hash=prev_hash,
+        hash=hash_,
+    )
+
+
+class SqliteStore(Store):
+    """Connects on first use, so it can be built where no event loop runs yet."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._connect_lock = asyncio.Lock()
+        # One connection serves all coroutines: a write must not land inside another's transaction.
+        self._write_lock = asyncio.Lock()
+
+    async def _conn(self) -> aiosqlite.Connection:
+        async with self._connect_lock:
+            if self._db is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = await aiosqlite.connect(self.path, isolation_level=None)
+                await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                await db.execute("PRAGMA journal_mode = WAL")
+                await db.execute("PRAGMA synchronous = NORMAL")
+                await db.create_function(
+                    "any_problem_contains", 2, _any_problem_contains, deterministic=True
+                )
+                await db.executescript(SCHEMA)
+                self._db = db
+            return self._db
+
+    async def _upsert_run(self, run_id: str, task: str, column: str, event_json: str) -> StoredRun:
+        db = await self._conn()
+        async with self._write_lock:
+            rows = await db.execute_fetchall(
+                f"INSERT INTO runs (run_id, task, {column}) VALUES (?, ?, ?) "
+                f"ON CONFLICT (run_id) DO UPDATE SET {column} = excluded.{column} "
+                f"RETURNING {RUN_COLUMNS}",
+                (run_id, task, event_json),
+            )
+        return _run(next(iter(rows)))
+
+    async def save_completed(self, run: RunCompleted) -> StoredRun:
+        return await self._upsert_run(run.run_id, run.task, "completed", run.model_dump_json())
+
+    async def save_scored(self, score: RunScored) -> StoredRun:
+        return await self._upsert_run(score.run_id, score.task, "scored", score.model_dump_json())
+
+    async def get_run(self, run_id: str) -> StoredRun | None:
+        db = await self._conn()
+        async with db.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)) as cur:
+            row = await cur.fetchone()
+        return _run(row) if row else None
+
+    async def add_failure(self, failure: FailureRecord) -> bool:
+        db = await self._conn()
+        async with self._write_lock:
+            cur = await db.execute(
+                "INSERT INTO failures (run_id, task, logged_at, problems, record) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING",
+                (
+                    failure.run_id,
+                    failure.task,
+                    utc_text(failure.logged_at),
+                    json.dumps(failure.problems),
+                    failure.model_dump_json(),
+                ),
+            )
+            inserted = cur.rowcount == 1
+            await cur.close()
+        return inserted
+
+    async def failures(self, query: FailureQuery) -> list[FailureRecord]:
+        conditions: list[str] = []
+        params: list[Any] = []
+        if query.task is not None:
+            conditions.append("task = ?")
+            params.append(query.task)
+        if query.since is not None:
+            conditions.append("logged_at >= ?")
+            params.append(utc_text(query.since))
+        if query.until is not None:
+            conditions.append("logged_at < ?")
+            params.append(utc_text(query.until))
+        if query.problem is not None:
+            conditions.append("any_problem_contains(problems, ?)")
+            params.append(query.problem)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        db = await self._conn()
+        rows = await db.execute_fetchall(
+            f"SELECT record FROM failures {where} ORDER BY logged_at DESC, run_id DESC LIMIT ?",
+            (*params, query.limit),
+        )
+        return [FailureRecord.model_validate_json(record) for (record,) in rows]
+
+    async def count_failures(self, task: str, since: datetime | None = None) -> int:
+        db = await self._conn()
+        sql = "SELECT COUNT(*) FROM failures WHERE task = ?"
+        params: tuple[str, ...] = (task,)
+        if since is not None:
+            sql += " AND logged_at >= ?"
+            params = (task, utc_text(since))
+        rows = await db.execute_fetchall(sql, params)
+        return int(next(iter(rows))[0])
+
+    async def append_audit(
+        self, change_id: str, kind: str, actor: str, payload: dict[str, Any]
+    ) -> AuditRecord:
+        payload = jsonable_payload(payload)
+        db = await self._conn()
+        async with self._write_lock:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                heads = await db.execute_fetchall(
+                    "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+                )
+                head = next(iter(heads), None)
+                seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
+                at = utcnow()
+                record = AuditRecord(
+                    seq=seq,
+                    change_id=change_id,
+                    kind=kind,
+                    actor=actor,
+                    payload=payload,
+                    at=at,
+                    prev_hash=prev_hash,
+                    hash=record_hash(prev_hash, seq, change_id, kind, actor, payload, at),
+                )
+                await db.execute(
+                    f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        seq,
+                        change_id,
+                        kind,
+                        actor,
+                        json.dumps(payload),
+                        utc_text(at),
+                        prev_hash,
+                        record.hash,
+                    ),
+                )
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+        return record
+
+    async def audit(self, change_id: str | None = None) -> list[AuditRecord]:
+        db = await self._conn()
+        if change_id is None:
+            rows = await db.execute_fetchall(f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq")
+        else:
+            rows = await db.execute_fetchall(
+                f"SELECT {AUDIT_COLUMNS} FROM audit WHERE change_id = ? ORDER BY seq", (change_id,)
+            )
+        return [_audit(row) for row in rows]
+
+    async def close(self) -> None:
+        async with self._connect_lock:
+            if self._db is not None:
+                await self._db.close()
+                self._db = None

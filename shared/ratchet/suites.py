@@ -1,0 +1,224 @@
+"""Task suites as data: a task's initial prompt plus the cases that measure it.
+
+A suite is one task. Its ``learn`` cases are run as traffic whose failures the proposer may read;
+its ``gate`` cases are the fixed set every proposed change is measured on before and after, and the
+proposer never sees them. Keeping suites in JSON files lets a team add tasks, or import real ones
+from BIG-bench, without touching code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ratchet.contracts import Check
+
+SUITE_NAME_PATTERN = r"^[a-z0-9_-]+$"
+GATE_MIN, GATE_MAX = 1, 200
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+_JSON_SHAPE_TYPES = {"str", "int", "float", "bool", "list", "dict"}
+
+
+class Case(BaseModel):
+    """One input with the programmatic check its output must pass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    input: str = Field(min_length=1)
+    check: Check
+
+    @field_validator("check")
+    @classmethod
+    def _expected_fits_kind(cls, check: Check) -> Check:
+        """Catch a check that could never pass (wrong ``expected`` type) when the file loads."""
+        expected = check.expected
+        if check.kind == "exact" and not isinstance(expected, str):
+            raise ValueError("an exact check needs a string 'expected'")
+        if check.kind == "any_of" and not (isinstance(expected, list) and expected):
+            raise ValueError("an any_of check needs a non-empty list 'expected'")
+        if check.kind == "number" and not isinstance(expected, int | float):
+            raise ValueError("a number check needs a numeric 'expected'")
+        if check.kind == "regex":
+            if not isinstance(expected, str):
+                raise ValueError("a regex check needs a string 'expected'")
+            try:
+                re.compile(expected)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {expected!r}: {exc}") from exc
+        if check.kind == "json_shape" and not (isinstance(expected, dict) and expected):
+            raise ValueError("a json_shape check needs a non-empty object 'expected'")
+        return check
+
+
+class Suite(BaseModel):
+    """A task: its name, its initial prompt, and disjoint learn and gate cases."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=SUITE_NAME_PATTERN, description="The task name.")
+    description: str
+    prompt: str = Field(min_length=1, description="The task's initial prompt.")
+    learn: list[Case]
+    gate: list[Case]
+    source: str | None = Field(default=None, description="Where the cases came from.")
+
+    @model_validator(mode="after")
+    def _valid_split(self) -> Suite:
+        """A gate that overlaps learn would let the proposer fit the measurement itself."""
+        if not GATE_MIN <= len(self.gate) <= GATE_MAX:
+            raise ValueError(
+                f"gate must hold {GATE_MIN} to {GATE_MAX} cases, it holds {len(self.gate)}"
+            )
+        ids = [case.id for case in self.learn + self.gate]
+        duplicate_ids = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicate_ids:
+            raise ValueError(f"case ids must be unique; repeated: {duplicate_ids}")
+        shared_inputs = {c.input for c in self.learn} & {c.input for c in self.gate}
+        if shared_inputs:
+            raise ValueError(f"learn and gate share inputs: {sorted(shared_inputs)[:3]}")
+        return self
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read one suite file; any problem is a ValueError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read suite file: {exc}") from exc
+    try:
+        return Suite.model_validate_json(text)
+    except ValidationError as exc:
+        raise ValueError(f"{path}: invalid suite: {exc}") from exc
+
+
+def save_suite(suite: Suite, path: str | Path) -> None:
+    """Write a suite as indented JSON, leaving out default values so the file stays easy to edit."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(suite.model_dump_json(indent=2, exclude_defaults=True) + "\n", encoding="utf-8")
+
+
+def load_suites(directory: str | Path) -> dict[str, Suite]:
+    """Every ``*.json`` suite in a folder, by task name (two files for one task is an error)."""
+    suites: dict[str, Suite] = {}
+    origin: dict[str, Path] = {}
+    for path in sorted(Path(directory).glob("*.json")):
+        suite = load_suite(path)
+        if suite.name in suites:
+            raise ValueError(
+                f"{path}: task {suite.name!r} is already defined in {origin[suite.name]}"
+            )
+        suites[suite.name] = suite
+        origin[suite.name] = path
+    return suites
+
+
+def import_bigbench(
+    task_json_path: str | Path,
+    *,
+    name: str | None = None,
+    gate_size: int = 30,
+    learn_size: int = 60,
+    seed: int = 0,
+) -> Suite:
+    """Turn a BIG-bench ``task.json`` into a suite with a seeded, reproducible learn/gate split.
+
+    The gate takes the first ``gate_size`` examples of the shuffled list and learn the next
+    ``learn_size``, so a given seed always yields the same fixed gate. The default name is the
+    folder holding the file (BIG-bench keeps each task in ``<task>/task.json``).
+    """
+    path = Path(task_json_path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read BIG-bench task: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a BIG-bench task is a JSON object, got {type(data).__name__}")
+    examples = data.get("examples")
+    if not isinstance(examples, list) or not examples:
+        raise ValueError(f"{path}: 'examples' must be a non-empty list")
+    if not GATE_MIN <= gate_size <= GATE_MAX:
+        raise ValueError(f"gate_size must be {GATE_MIN} to {GATE_MAX}, got {gate_size}")
+    if learn_size < 0:
+        raise ValueError(f"learn_size must be 0 or more, got {learn_size}")
+
+    task_name = name if name is not None else _slug(path.resolve().parent.name)
+    if not re.match(SUITE_NAME_PATTERN, task_name):
+        raise ValueError(f"task name {task_name!r} must match {SUITE_NAME_PATTERN}")
+
+    seen: set[str] = set()
+    cases: list[Case] = []
+    for index, example in enumerate(examples):
+        case = _case_from_example(example, f"{task_name}-{index:04d}", path, index)
+        if case.input not in seen:  # a repeated input would leak between learn and gate
+            seen.add(case.input)
+            cases.append(case)
+    if len(cases) < gate_size:
+        raise ValueError(
+            f"{path}: {len(cases)} distinct examples, fewer than gate_size={gate_size}"
+        )
+
+    random.Random(seed).shuffle(cases)
+    description = str(data.get("description") or "").strip()
+    prompt = str(data.get("task_prefix") or "").strip() or description
+    if not prompt:
+        raise ValueError(f"{path}: no 'task_prefix' or 'description' to use as the initial prompt")
+    return Suite(
+        name=task_name,
+        description=description or f"BIG-bench task {task_name}",
+        prompt=prompt,
+        gate=cases[:gate_size],
+        learn=cases[gate_size : gate_size + learn_size],
+        source=f"BIG-bench {data.get('name', task_name)} ({path}), seed {seed}",
+    )
+
+
+def _case_from_example(example: Any, case_id: str, path: Path, index: int) -> Case:
+    """Generative examples check the target; multiple-choice ones accept the keys scored 1."""
+    where = f"{path}: examples[{index}]"
+    if not isinstance(example, dict):
+        raise ValueError(f"{where} must be an object")
+    text = example.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where} has no string 'input'")
+    if "target" in example:
+        return Case(id=case_id, input=text, check=_target_check(example["target"], where))
+    scores = example.get("target_scores")
+    if not isinstance(scores, dict) or not scores:
+        raise ValueError(f"{where} has neither 'target' nor a non-empty 'target_scores'")
+    right = [str(choice) for choice, score in scores.items() if score == 1]
+    if not right:
+        raise ValueError(f"{where}: no choice in 'target_scores' scores 1")
+    options = "\n".join(f"- {choice}" for choice in scores)
+    return Case(
+        id=case_id,
+        input=f"{text}\nOptions:\n{options}",
+        check=Check(kind="any_of", expected=right),
+    )
+
+
+def _target_check(target: Any, where: str) -> Check:
+    if isinstance(target, list):
+        answers = [str(t) for t in target if isinstance(t, str | int | float)]
+        if not answers or len(answers) != len(target):
+            raise ValueError(f"{where}: 'target' list must hold strings or numbers")
+        if len(answers) > 1:
+            return Check(kind="any_of", expected=answers)
+        target = answers[0]
+    if isinstance(target, bool) or not isinstance(target, str | int | float):
+        raise ValueError(f"{where}: 'target' must be a string, a number or a list of them")
+    answer = str(target).strip()
+    if _NUMBER.fullmatch(answer):
+        return Check(kind="number", expected=float(answer))
+    return Check(kind="exact", expected=answer)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-") or "task"

@@ -1,0 +1,497 @@
+"""The store contract: every backend must pass this one suite (after LangGraph's checkpointer
+conformance tests). SQLite runs always, on a real file; MongoDB runs when ``MONGODB_URI`` is set,
+each test in a fresh database that is dropped afterwards.
+
+Tampering is done the way an attacker would: by writing the database directly, not through the
+store. That part knows each backend's layout; everything else goes through ``Store`` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import sys
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from ratchet.audit import GENESIS_HASH, record_hash, verify_chain
+from ratchet.contracts import RunCompleted, RunScored, TraceStep
+from ratchet.store import FailureQuery, FailureRecord, MongoStore, Store, open_store
+
+MONGODB_URI = os.environ.get("MONGODB_URI")
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+class Backend(ABC):
+    """A place a store can live, plus raw write access to it for the tampering tests."""
+
+    url: str
+
+    @abstractmethod
+    def update_audit_row(self, seq: int, fields: dict[str, str]) -> None: ...
+
+    @abstractmethod
+    def delete_audit_row(self, seq: int) -> None: ...
+
+
+class SqliteBackend(Backend):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = f"sqlite:///{path}"
+
+    def update_audit_row(self, seq: int, fields: dict[str, str]) -> None:
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with sqlite3.connect(self.path) as db:
+            db.execute(f"UPDATE audit SET {assignments} WHERE seq = ?", (*fields.values(), seq))
+
+    def delete_audit_row(self, seq: int) -> None:
+        with sqlite3.connect(self.path) as db:
+            db.execute("DELETE FROM audit WHERE seq = ?", (seq,))
+
+
+class MongoBackend(Backend):
+    def __init__(self, uri: str) -> None:
+        from pymongo import MongoClient
+
+        self.database = f"ratchet_test_{uuid.uuid4().hex[:12]}"
+        self.url = urlsplit(uri)._replace(path=f"/{self.database}").geturl()
+        self.client: MongoClient[dict[str, Any]] = MongoClient(uri)
+
+    def update_audit_row(self, seq: int, fields: dict[str, str]) -> None:
+        self.client[self.database]["audit"].update_one({"_id": seq}, {"$set": fields})
+
+    def delete_audit_row(self, seq: int) -> None:
+        self.client[self.database]["audit"].delete_one({"_id": seq})
+
+    def drop(self) -> None:
+        self.client.drop_database(self.database)
+        self.client.close()
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param(
+            "mongo",
+            marks=pytest.mark.skipif(
+                MONGODB_URI is None, reason="MONGODB_URI is not set: no MongoDB server to test"
+            ),
+        ),
+    ]
+)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        yield SqliteBackend(tmp_path / "ratchet.db")
+        return
+    assert MONGODB_URI is not None
+    mongo = MongoBackend(MONGODB_URI)
+    yield mongo
+    mongo.drop()
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    async with open_store(backend.url) as opened:
+        yield opened
+
+
+def completed(run_id: str, task: str = "math", output: str = "4") -> RunCompleted:
+    return RunCompleted(
+        run_id=run_id,
+        task=task,
+        input="2+2?",
+        output=output,
+        trace=[TraceStep(kind="model", name="agent", input="2+2?", output=output, ms=12.5)],
+        prompt_version=3,
+        prompt_sha256="p" * 64,
+        rules_sha256="r" * 64,
+        model="scripted",
+        latency_ms=15.0,
+        created_at=datetime(2025, 3, 1, 14, 30, 0, 123456, tzinfo=timezone(timedelta(hours=2))),
+    )
+
+
+def scored(run_id: str, task: str = "math", score: float = 0.2) -> RunScored:
+    return RunScored(
+        run_id=run_id, task=task, score=score, problems=["wrong answer"], scorer="check:exact"
+    )
+
+
+def failure(
+    run_id: str,
+    logged_at: datetime,
+    task: str = "math",
+    problems: tuple[str, ...] = ("wrong answer",),
+) -> FailureRecord:
+    return FailureRecord(
+        run_id=run_id,
+        task=task,
+        input="2+2?",
+        output="5",
+        score=0.0,
+        problems=list(problems),
+        trace=[TraceStep(kind="tool", name="calculator", input="2+2", output="5", ms=1.25)],
+        prompt_version=3,
+        rules_sha256="r" * 64,
+        model="scripted",
+        logged_at=logged_at,
+    )
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scored_first", [False, True], ids=["completed-first", "scored-first"])
+async def test_completed_and_scored_join_in_either_order(store: Store, scored_first: bool) -> None:
+    run, score = completed("run-1"), scored("run-1")
+
+    if scored_first:
+        first = await store.save_scored(score)
+        assert (first.completed, first.scored) == (None, score)
+        merged = await store.save_completed(run)
+    else:
+        first = await store.save_completed(run)
+        assert (first.completed, first.scored) == (run, None)
+        merged = await store.save_scored(score)
+
+    assert (merged.run_id, merged.task, merged.completed, merged.scored) == (
+        "run-1",
+        "math",
+        run,
+        score,
+    )
+    assert await store.get_run("run-1") == merged
+
+
+async def test_events_round_trip_with_their_timezone(store: Store) -> None:
+    run = completed("run-1")
+    await store.save_completed(run)
+
+    stored = await store.get_run("run-1")
+
+    assert stored is not None and stored.completed is not None
+    assert stored.completed.created_at.utcoffset() == timedelta(hours=2)
+    assert stored.completed.model_dump() == run.model_dump()
+
+
+async def test_redelivered_completed_keeps_the_score(store: Store) -> None:
+    run, score = completed("run-1"), scored("run-1")
+    await store.save_completed(run)
+    await store.save_scored(score)
+
+    again = await store.save_completed(run)
+
+    assert (again.completed, again.scored) == (run, score)
+    assert await store.get_run("run-1") == again
+
+
+async def test_unknown_run_is_none(store: Store) -> None:
+    await store.save_completed(completed("run-1"))
+
+    assert await store.get_run("run-2") is None
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+
+async def test_add_failure_is_idempotent_and_keeps_the_first(store: Store) -> None:
+    original = failure("run-1", T0)
+
+    assert await store.add_failure(original) is True
+    assert await store.add_failure(original) is False
+    assert await store.add_failure(failure("run-1", T0, problems=("rewritten",))) is False
+
+    assert await store.failures(FailureQuery()) == [original]
+    assert await store.count_failures("math") == 1
+
+
+async def test_failure_round_trips_in_utc(store: Store) -> None:
+    paris_time = datetime(2025, 3, 1, 13, 0, 0, 654321, tzinfo=timezone(timedelta(hours=1)))
+    await store.add_failure(failure("run-1", paris_time))
+
+    [stored] = await store.failures(FailureQuery())
+
+    assert stored.logged_at == paris_time
+    assert stored.logged_at.utcoffset() == timedelta(0)
+    assert stored.trace == [
+        TraceStep(kind="tool", name="calculator", input="2+2", output="5", ms=1.25)
+    ]
+
+
+async def test_failures_come_newest_first_up_to_the_limit(store: Store) -> None:
+    for minute in (3, 0, 4, 1, 2):  # inserted out of order
+        await store.add_failure(failure(f"run-{minute}", T0 + timedelta(minutes=minute)))
+
+    newest = await store.failures(FailureQuery(limit=3))
+
+    assert [f.run_id for f in newest] == ["run-4", "run-3", "run-2"]
+
+
+async def test_failures_filter_by_task(store: Store) -> None:
+    await store.add_failure(failure("math-1", T0, task="math"))
+    await store.add_failure(failure("chat-1", T0 + timedelta(minutes=1), task="chat"))
+    await store.add_failure(failure("math-2", T0 + timedelta(minutes=2), task="math"))
+
+    math = await store.failures(FailureQuery(task="math"))
+
+    assert [f.run_id for f in math] == ["math-2", "math-1"]
+    assert await store.failures(FailureQuery(task="unknown")) == []
+
+
+async def test_failures_filter_by_half_open_time_range(store: Store) -> None:
+    for minute in range(5):
+        await store.add_failure(failure(f"run-{minute}", T0 + timedelta(minutes=minute)))
+
+    window = await store.failures(
+        FailureQuery(since=T0 + timedelta(minutes=1), until=T0 + timedelta(minutes=3))
+    )
+    # The same instants, written in another timezone, select the same window.
+    tokyo = timezone(timedelta(hours=9))
+    window_tokyo = await store.failures(
+        FailureQuery(
+            since=(T0 + timedelta(minutes=1)).astimezone(tokyo),
+            until=(T0 + timedelta(minutes=3)).astimezone(tokyo),
+        )
+    )
+
+    assert [f.run_id for f in window] == ["run-2", "run-1"]
+    assert window_tokyo == window
+
+
+async def test_failures_filter_by_problem_text(store: Store) -> None:
+    await store.add_failure(failure("slow", T0, problems=("ok format", "Step TIMEOUT after 30s")))
+    await store.add_failure(failure("wrong", T0 + timedelta(minutes=1), problems=("wrong sum",)))
+    await store.add_failure(
+        failure("chat", T0 + timedelta(minutes=2), task="chat", problems=("timeout",))
+    )
+    await store.add_failure(
+        failure("regex-like", T0 + timedelta(minutes=3), problems=("expected a.b",))
+    )
+
+    assert [f.run_id for f in await store.failures(FailureQuery(problem="timeout"))] == [
+        "chat",
+        "slow",
+    ]
+    assert [f.run_id for f in await store.failures(FailureQuery(task="math", problem="Time"))] == [
+        "slow"
+    ]
+    assert [f.run_id for f in await store.failures(FailureQuery(problem="a.b"))] == ["regex-like"]
+    assert await store.failures(FailureQuery(problem="a*b")) == []
+
+
+async def test_count_failures_by_task_since(store: Store) -> None:
+    for minute in range(4):
+        await store.add_failure(failure(f"math-{minute}", T0 + timedelta(minutes=minute)))
+    await store.add_failure(failure("chat-0", T0, task="chat"))
+
+    assert await store.count_failures("math") == 4
+    assert await store.count_failures("math", since=T0 + timedelta(minutes=2)) == 2
+    assert await store.count_failures("chat", since=T0 + timedelta(minutes=2)) == 0
+
+
+# --- audit trail --------------------------------------------------------------------------------
+
+
+async def test_audit_appends_a_chain_that_verifies(store: Store) -> None:
+    first = await store.append_audit("c1", "proposed", "proposer", {"task": "math"})
+    second = await store.append_audit("c2", "proposed", "proposer", {"task": "chat"})
+    third = await store.append_audit("c1", "decided", "alice", {"approved": True, "why": "ok"})
+
+    assert (first.seq, second.seq, third.seq) == (1, 2, 3)
+    assert first.prev_hash == GENESIS_HASH
+    assert (second.prev_hash, third.prev_hash) == (first.hash, second.hash)
+    assert third.hash == record_hash(
+        second.hash, 3, "c1", "decided", "alice", {"approved": True, "why": "ok"}, third.at
+    )
+    assert await store.audit() == [first, second, third]
+    assert await store.audit("c1") == [first, third]
+    assert verify_chain(await store.audit()) == []
+
+
+async def test_audit_payload_reads_back_as_appended(store: Store) -> None:
+    appended = await store.append_audit(
+        "c1", "measured", "gatekeeper", {"at": T0, "ci95": (-0.1, 0.3), "scores": {"a": None}}
+    )
+
+    assert appended.payload == {
+        "at": "2025-03-01T12:00:00Z",
+        "ci95": [-0.1, 0.3],
+        "scores": {"a": None},
+    }
+    assert await store.audit() == [appended]
+    assert verify_chain([appended]) == []
+
+
+async def test_edited_audit_payload_is_reported_by_seq(store: Store, backend: Backend) -> None:
+    for kind in ("proposed", "measured", "decided"):
+        await store.append_audit("c1", kind, "gatekeeper", {"approved": False})
+    assert verify_chain(await store.audit()) == []
+
+    backend.update_audit_row(2, {"payload": '{"approved": true}'})
+
+    problems = verify_chain(await store.audit())
+    assert len(problems) == 1
+    assert "seq 2" in problems[0] and "altered" in problems[0]
+
+
+async def test_rewritten_audit_record_breaks_the_link(store: Store, backend: Backend) -> None:
+    records = [
+        await store.append_audit("c1", kind, "gatekeeper", {"approved": False})
+        for kind in ("proposed", "decided", "applied")
+    ]
+    forged = records[1]
+    # A careful forger also recomputes the edited record's own hash.
+    backend.update_audit_row(
+        2,
+        {
+            "actor": "mallory",
+            "hash": record_hash(
+                forged.prev_hash, 2, "c1", "decided", "mallory", forged.payload, forged.at
+            ),
+        },
+    )
+
+    problems = verify_chain(await store.audit())
+
+    assert len(problems) == 1
+    assert "seq 3" in problems[0] and "seq 2 was rewritten" in problems[0]
+
+
+async def test_deleted_audit_record_is_reported_as_a_gap(store: Store, backend: Backend) -> None:
+    for kind in ("proposed", "measured", "decided", "applied"):
+        await store.append_audit("c1", kind, "gatekeeper", {})
+
+    backend.delete_audit_row(2)
+
+    problems = verify_chain(await store.audit())
+    assert len(problems) == 1
+    assert "seq 2 missing" in problems[0]
+
+
+async def test_concurrent_appends_in_one_process_form_one_chain(store: Store) -> None:
+    await asyncio.gather(
+        *(store.append_audit(f"c{i % 3}", "measured", "gatekeeper", {"i": i}) for i in range(30))
+    )
+
+    records = await store.audit()
+    assert [r.seq for r in records] == list(range(1, 31))
+    assert sorted(r.payload["i"] for r in records) == list(range(30))
+    assert verify_chain(records) == []
+
+
+APPENDER = """
+import asyncio, sys, time
+from pathlib import Path
+from ratchet.store import open_store
+
+async def main(url: str, who: str, count: int, barrier: Path) -> None:
+    async with open_store(url) as store:
+        await store.audit()  # connected, schema ready
+        (barrier / f"ready-{who}").touch()
+        while not (barrier / "go").exists():
+            time.sleep(0.005)
+        for i in range(count):
+            await store.append_audit(f"change-{who}", "measured", who, {"i": i})
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])))
+"""
+
+
+async def test_two_processes_appending_at_once_form_one_chain(
+    store: Store, backend: Backend, tmp_path: Path
+) -> None:
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    count = 60
+    appenders = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            APPENDER,
+            backend.url,
+            who,
+            str(count),
+            str(barrier),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for who in ("a", "b")
+    ]
+    async with asyncio.timeout(60):
+        while not all((barrier / f"ready-{who}").exists() for who in ("a", "b")):
+            await asyncio.sleep(0.01)
+        (barrier / "go").touch()
+        errors = [(await appender.communicate())[1] for appender in appenders]
+
+    assert errors == [b"", b""]
+    assert [appender.returncode for appender in appenders] == [0, 0]
+    records = await store.audit()
+    assert [r.seq for r in records] == list(range(1, 2 * count + 1))
+    assert len(await store.audit("change-a")) == len(await store.audit("change-b")) == count
+    assert verify_chain(records) == []
+
+
+# --- durability ---------------------------------------------------------------------------------
+
+
+async def test_everything_survives_close_and_reopen(backend: Backend) -> None:
+    run, score, lost = completed("run-1"), scored("run-1"), failure("run-1", T0)
+    async with open_store(backend.url) as store:
+        await store.save_completed(run)
+        await store.save_scored(score)
+        await store.add_failure(lost)
+        trail = [
+            await store.append_audit("c1", "proposed", "proposer", {"task": "math"}),
+            await store.append_audit("c1", "decided", "alice", {"approved": True}),
+        ]
+
+    async with open_store(backend.url) as reopened:
+        stored = await reopened.get_run("run-1")
+        assert stored is not None
+        assert (stored.completed, stored.scored) == (run, score)
+        assert await reopened.failures(FailureQuery()) == [lost]
+        assert await reopened.add_failure(lost) is False
+        assert await reopened.audit() == trail
+        appended = await reopened.append_audit("c1", "applied", "gatekeeper", {"version": 4})
+        assert (appended.seq, appended.prev_hash) == (3, trail[-1].hash)
+        assert verify_chain(await reopened.audit()) == []
+
+
+# --- open_store ---------------------------------------------------------------------------------
+
+
+async def test_sqlite_url_creates_missing_parent_directories(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dirs" / "ratchet.db"
+
+    async with open_store(f"sqlite:///{path}") as store:
+        await store.add_failure(failure("run-1", T0))
+
+    assert path.is_file()
+
+
+@pytest.mark.parametrize(
+    ("url", "database"),
+    [
+        ("mongodb://127.0.0.1:1/", "ratchet"),
+        ("mongodb://127.0.0.1:1", "ratchet"),
+        ("mongodb://user:pw@127.0.0.1:1,127.0.0.1:2/prod?replicaSet=rs0", "prod"),
+    ],
+)
+async def test_mongodb_url_names_the_database(url: str, database: str) -> None:
+    store = open_store(url)  # no server needed: the client connects on first use
+
+    assert isinstance(store, MongoStore)
+    assert store.database_name == database
+    await store.close()
+
+
+@pytest.mark.parametrize("url", ["postgres://localhost/ratchet", "ratchet.db", "sqlite:///"])
+def test_unusable_url_is_refused_with_the_accepted_forms(url: str) -> None:
+    with pytest.raises(ValueError, match=r"sqlite:///path/to\.db"):
+        open_store(url)
