@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
@@ -17,11 +19,25 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from ratchet.contracts import Check, FailureLogged, RunCompleted, RunRequested, RunScored
+from ratchet.audit import verify_chain
+from ratchet.contracts import (
+    ChangeApproved,
+    ChangeProposed,
+    ChangeRejected,
+    Check,
+    FailureGroup,
+    FailureLogged,
+    Measurement,
+    RunCompleted,
+    RunRequested,
+    RunScored,
+)
 from ratchet.messaging import QUERY_PREFIX, connect
 from ratchet.natsproc import load_credentials
+from ratchet.prompts import read_history
+from ratchet.queries import ChangeQuery, ChangesQuery, ChangeSummary, ProposeReply, ProposeRequest
 from ratchet.settings import Settings, get_settings
-from ratchet.store import FailureQuery, FailureRecord
+from ratchet.store import AuditRecord, FailureQuery, FailureRecord, open_store
 
 console = Console()
 T = TypeVar("T")
@@ -262,6 +278,301 @@ async def cmd_failures(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- the change cycle ---------------------------------------------------------------------------
+
+
+async def cmd_groups(args: argparse.Namespace) -> int:
+    nc = await open_client(client_settings())
+    try:
+        groups = await request(
+            nc,
+            f"{QUERY_PREFIX}.groups",
+            FailureQuery(task=args.task, limit=args.limit),
+            TypeAdapter(list[FailureGroup]),
+            service="failure store",
+        )
+    finally:
+        await nc.close()
+    if args.json:
+        print(json.dumps([g.model_dump(mode="json") for g in groups], indent=2))
+        return 0
+    total = sum(g.size for g in groups)
+    console.print(f"{total} failures of {args.task!r} in {len(groups)} recurring patterns")
+    table = Table("#", "failures", "problem", "example run")
+    for i, group in enumerate(groups, 1):
+        table.add_row(str(i), str(group.size), group.label, group.run_ids[0])
+    console.print(table)
+    return 0
+
+
+async def cmd_propose(args: argparse.Namespace) -> int:
+    nc = await open_client(client_settings())
+    try:
+        reply = await request(
+            nc,
+            f"{QUERY_PREFIX}.propose",
+            ProposeRequest(task=args.task),
+            TypeAdapter(ProposeReply),
+            service="proposer",
+        )
+    finally:
+        await nc.close()
+    if reply.change is None:
+        raise CliError(reply.error or "the proposer made no proposal")
+    change = reply.change
+    console.print(
+        f"proposed change [bold]{change.change_id}[/] for {change.task} (from v{change.base_version})"
+    )
+    console.print(f"[bold]prompt:[/] {change.proposed_prompt}")
+    console.print(f"[bold]why:[/] {change.rationale}")
+    console.print("the gatekeeper now measures it; see `ratchet changes`")
+    return 0
+
+
+async def cmd_changes(args: argparse.Namespace) -> int:
+    nc = await open_client(client_settings())
+    try:
+        changes = await request(
+            nc,
+            f"{QUERY_PREFIX}.changes",
+            ChangesQuery(task=args.task),
+            TypeAdapter(list[ChangeSummary]),
+            service="gatekeeper",
+        )
+    finally:
+        await nc.close()
+    if args.json:
+        print(json.dumps([c.model_dump(mode="json") for c in changes], indent=2))
+        return 0
+    if not changes:
+        console.print("no changes yet")
+        return 0
+    table = Table("change", "task", "status", "updated")
+    for c in changes:
+        table.add_row(c.change_id, c.task, c.status, f"{c.updated_at:%Y-%m-%d %H:%M:%S}")
+    console.print(table)
+    return 0
+
+
+async def fetch_trail(nc: Client, change_id: str) -> list[AuditRecord]:
+    trail = await request(
+        nc,
+        f"{QUERY_PREFIX}.change",
+        ChangeQuery(change_id=change_id),
+        TypeAdapter(list[AuditRecord]),
+        service="gatekeeper",
+    )
+    if not trail:
+        raise CliError(f"no change {change_id!r}")
+    return trail
+
+
+def print_evidence(trail: list[AuditRecord]) -> None:
+    """What a person needs to decide: the proposal, the measurement and the diff."""
+    by_kind = {r.kind: r.payload for r in trail}
+    if received := by_kind.get("received"):
+        console.print(
+            f"[bold]task:[/] {received['task']}  [bold]base version:[/] v{received['base_version']}  [bold]by:[/] {received['proposer']}"
+        )
+        console.print(f"[bold]rationale:[/] {received['rationale']}")
+    if diff := by_kind.get("awaiting_approval"):
+        console.print("[bold]prompt diff:[/]")
+        console.print(diff["prompt_diff"], markup=False, highlight=False)
+    if measured := by_kind.get("measured"):
+        m = Measurement.model_validate(measured)
+        low, high = m.ci95
+        console.print(
+            f"[bold]gate set ({m.cases} cases):[/] current {m.current.success_rate:.0%} -> "
+            f"candidate {m.candidate.success_rate:.0%}  (diff {m.diff:+.0%}, 95% CI {low:+.0%} to {high:+.0%})"
+        )
+        better = sum(d > 0 for d in m.per_case_diff.values())
+        worse = sum(d < 0 for d in m.per_case_diff.values())
+        console.print(f"  cases better: {better}, worse: {worse}, same: {m.cases - better - worse}")
+    if invalid := by_kind.get("invalid"):
+        for problem in invalid["problems"]:
+            console.print(f"  [red]invalid:[/] {problem}")
+
+
+async def cmd_show(args: argparse.Namespace) -> int:
+    nc = await open_client(client_settings())
+    try:
+        trail = await fetch_trail(nc, args.change)
+    finally:
+        await nc.close()
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in trail], indent=2))
+        return 0
+    console.print(f"[bold]change {args.change}[/]: {trail[-1].kind}")
+    print_evidence(trail)
+    table = Table("seq", "when", "step", "by")
+    for r in trail:
+        table.add_row(str(r.seq), f"{r.at:%H:%M:%S}", r.kind, r.actor)
+    console.print(table)
+    return 0
+
+
+async def send_decision(change_id: str, *, approve: bool, reason: str, approver: str) -> None:
+    settings = client_settings(role="approver")
+    decision_type = ChangeApproved if approve else ChangeRejected
+    decision = decision_type(change_id=change_id, approver=approver, reason=reason)
+    nc = await open_client(settings)
+    try:
+        await fetch_trail(nc, change_id)  # a typo in the id is caught before anything is sent
+        await nc.jetstream().publish(
+            decision.subject,
+            decision.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": f"{decision.subject}:{decision.id}"},
+            timeout=5,
+        )
+    except nats.errors.TimeoutError as exc:
+        raise CliError(f"NATS refused the decision ({settings.nats_user} may not decide?)") from exc
+    finally:
+        await nc.close()
+
+
+async def cmd_decide(args: argparse.Namespace) -> int:
+    approve = args.command == "approve"
+    await send_decision(
+        args.change, approve=approve, reason=args.reason, approver=f"cli:{getpass.getuser()}"
+    )
+    console.print(
+        f"{'approved' if approve else 'rejected'} {args.change}; see `ratchet show {args.change}`"
+    )
+    return 0
+
+
+def cmd_approver(args: argparse.Namespace) -> int:
+    from ratchet.approver import build_approver_app
+
+    try:
+        app = build_approver_app(client_settings(role="approver"), args.rule)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    console.print(f"policy approver running with rule {args.rule!r}; Ctrl-C stops")
+    try:
+        asyncio.run(app.run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def cmd_prompts(args: argparse.Namespace) -> int:
+    settings = client_settings()
+    nc = await open_client(settings)
+    try:
+        history = await read_history(nc.jetstream(), args.task)
+        if not history:
+            raise CliError(f"no prompt stored for task {args.task!r}")
+        if args.rollback_to is not None:
+            target = next((v for v in history if v.version == args.rollback_to), None)
+            if target is None:
+                raise CliError(f"task {args.task!r} has no version {args.rollback_to}")
+            change = ChangeProposed(
+                task=args.task,
+                base_version=history[-1].version,
+                proposed_prompt=target.record.text,
+                rationale=f"roll back to version {target.version}",
+                proposer=f"cli:{getpass.getuser()}",
+            )
+            await nc.jetstream().publish(
+                change.subject,
+                change.model_dump_json().encode(),
+                headers={"Nats-Msg-Id": f"{change.subject}:{change.id}"},
+                timeout=5,
+            )
+            console.print(
+                f"proposed rollback as change {change.change_id}: it goes through the gate like any change"
+            )
+            return 0
+    finally:
+        await nc.close()
+    table = Table("version", "when", "kind", "change", "prompt")
+    for v in history:
+        when = f"{v.created:%Y-%m-%d %H:%M:%S}" if v.created else ""
+        table.add_row(f"v{v.version}", when, v.record.kind, v.record.change_id or "", v.record.text)
+    console.print(table)
+    return 0
+
+
+async def cmd_audit(args: argparse.Namespace) -> int:
+    """Reads the store directly: an auditor should not depend on the service being audited."""
+    settings = get_settings()
+    async with open_store(settings.resolved_store_url()) as store:
+        records = await store.audit()
+    problems = verify_chain(records)
+    if args.verify:
+        if problems:
+            for problem in problems:
+                print(f"TAMPERED {problem}")
+            return 2
+        console.print(f"audit trail intact: {len(records)} records, hash chain verified")
+        return 0
+    shown = [r for r in records if args.change in (None, r.change_id)]
+    table = Table("seq", "when", "change", "step", "by")
+    for r in shown:
+        table.add_row(str(r.seq), f"{r.at:%Y-%m-%d %H:%M:%S}", r.change_id, r.kind, r.actor)
+    console.print(table)
+    if problems:
+        console.print(f"[red]{len(problems)} integrity problem(s); run with --verify[/]")
+    return 0
+
+
+# --- suites and deployment ----------------------------------------------------------------------
+
+
+def cmd_suite_import(args: argparse.Namespace) -> int:
+    from ratchet.suites import import_bigbench, save_suite
+
+    settings = get_settings()
+    try:
+        suite = import_bigbench(
+            Path(args.path), name=args.name, gate_size=args.gate_size, learn_size=args.learn_size
+        )
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+    target = settings.suites_dir / f"{suite.name}.json"
+    save_suite(suite, target)
+    console.print(
+        f"imported task {suite.name!r}: {len(suite.learn)} learn + {len(suite.gate)} gate cases -> {target}"
+    )
+    return 0
+
+
+def cmd_natsconf(args: argparse.Namespace) -> int:
+    """Write a nats-server config with fresh per-service passwords, and an env file for them."""
+    from ratchet.natsconf import generate_passwords, render_config
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    passwords = generate_passwords()
+    (out / "nats-server.conf").write_text(
+        render_config(passwords, port=4222, store_dir=Path("/data/jetstream"), host="0.0.0.0")
+    )
+    env = out / "passwords.env"
+    env.touch(mode=0o600)
+    env.write_text(
+        "".join(
+            f"RATCHET_PW_{name.upper().replace('-', '_')}={pw}\n" for name, pw in passwords.items()
+        )
+    )
+    console.print(f"wrote {out / 'nats-server.conf'} and {env} (keep it secret)")
+    return 0
+
+
+async def cmd_init_streams(args: argparse.Namespace) -> int:
+    """Create the streams and the prompt bucket (needs the admin user)."""
+    from ratchet.messaging import ensure_streams
+
+    settings = get_settings()
+    nc = await open_client(settings)
+    try:
+        await ensure_streams(nc.jetstream())
+    finally:
+        await nc.close()
+    console.print("streams ready")
+    return 0
+
+
 # --- entry point --------------------------------------------------------------------------------
 
 
@@ -295,6 +606,66 @@ def build_parser() -> argparse.ArgumentParser:
     failures.add_argument("--limit", type=int, default=20)
     failures.add_argument("--json", action="store_true")
     failures.set_defaults(handler=cmd_failures, is_async=True)
+
+    groups = sub.add_parser("groups", help="a task's failures grouped into recurring patterns")
+    groups.add_argument("--task", required=True)
+    groups.add_argument("--limit", type=int, default=200, help="newest failures to group")
+    groups.add_argument("--json", action="store_true")
+    groups.set_defaults(handler=cmd_groups, is_async=True)
+
+    propose = sub.add_parser("propose", help="ask the proposer for a change to a task prompt now")
+    propose.add_argument("task")
+    propose.set_defaults(handler=cmd_propose, is_async=True)
+
+    changes = sub.add_parser("changes", help="list changes and their status")
+    changes.add_argument("--task")
+    changes.add_argument("--json", action="store_true")
+    changes.set_defaults(handler=cmd_changes, is_async=True)
+
+    show = sub.add_parser("show", help="a change's evidence, diff and audit trail")
+    show.add_argument("change")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_show, is_async=True)
+
+    for verb in ("approve", "reject"):
+        decide = sub.add_parser(verb, help=f"{verb} a change waiting at the gate")
+        decide.add_argument("change")
+        decide.add_argument("--reason", required=True)
+        decide.set_defaults(handler=cmd_decide, is_async=True)
+
+    approver = sub.add_parser("approver", help="run the policy approver")
+    approver.add_argument("--rule", default="no-regression", help="no-regression | min-lift:X")
+    approver.set_defaults(handler=cmd_approver, is_async=False)
+
+    prompts = sub.add_parser("prompts", help="every version of a task prompt")
+    prompts.add_argument("task")
+    prompts.add_argument(
+        "--rollback-to", type=int, metavar="VERSION", help="propose going back to VERSION"
+    )
+    prompts.set_defaults(handler=cmd_prompts, is_async=True)
+
+    audit = sub.add_parser("audit", help="the audit trail of every change")
+    audit.add_argument("--change")
+    audit.add_argument(
+        "--verify", action="store_true", help="check the hash chain; exit 2 if broken"
+    )
+    audit.set_defaults(handler=cmd_audit, is_async=True)
+
+    suite = sub.add_parser("suite", help="task suites")
+    suite_sub = suite.add_subparsers(dest="suite_command", required=True)
+    suite_import = suite_sub.add_parser("import", help="import a BIG-bench task.json as a suite")
+    suite_import.add_argument("path")
+    suite_import.add_argument("--name")
+    suite_import.add_argument("--gate-size", type=int, default=30)
+    suite_import.add_argument("--learn-size", type=int, default=60)
+    suite_import.set_defaults(handler=cmd_suite_import, is_async=False)
+
+    natsconf = sub.add_parser("natsconf", help="write a nats-server config for a deployment")
+    natsconf.add_argument("--out", default="deploy")
+    natsconf.set_defaults(handler=cmd_natsconf, is_async=False)
+
+    init = sub.add_parser("init-streams", help="create the streams (as the NATS admin user)")
+    init.set_defaults(handler=cmd_init_streams, is_async=True)
     return parser
 
 

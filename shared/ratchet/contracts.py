@@ -82,6 +82,9 @@ class RunRequested(Event):
     candidate_prompt: str | None = Field(
         default=None, description="Run with this task prompt instead of the stored one (gate runs)."
     )
+    min_prompt_version: int | None = Field(
+        default=None, description="Wait until the executor has seen this prompt version."
+    )
     context: RunContext = Field(default_factory=RunContext)
 
 

@@ -115,7 +115,11 @@ def make_broker(settings: Settings, *, name: str) -> NatsBroker:
         max_reconnect_attempts=-1,
         logger=logging.getLogger(f"ratchet.{name}"),
     )
-    broker.add_middleware(partial(DeadLetterMiddleware, max_deliver=settings.max_deliver))
+    broker.add_middleware(
+        partial(
+            DeadLetterMiddleware, max_deliver=settings.max_deliver, ack_wait_s=settings.ack_wait_s
+        )
+    )
     return broker
 
 
@@ -181,9 +185,10 @@ class DeadLetterMiddleware(BaseMiddleware):
     original once the dead letter is stored, ``NackMessage`` asks for a delayed redelivery.
     """
 
-    def __init__(self, msg: Any, /, *, context: Any, max_deliver: int) -> None:
+    def __init__(self, msg: Any, /, *, context: Any, max_deliver: int, ack_wait_s: float) -> None:
         super().__init__(msg, context=context)
         self.max_deliver = max_deliver
+        self.ack_wait_s = ack_wait_s
 
     async def consume_scope(
         self, call_next: Callable[[Any], Awaitable[Any]], msg: NatsMessage
@@ -193,6 +198,7 @@ class DeadLetterMiddleware(BaseMiddleware):
             deliveries = raw.metadata.num_delivered
         except NotJSMessageError:  # a core (request/reply) message: nothing to redeliver
             return await call_next(msg)
+        heartbeat = asyncio.create_task(_keep_alive(raw, self.ack_wait_s / 3))
         try:
             return await call_next(msg)
         except ValidationError as exc:
@@ -205,6 +211,16 @@ class DeadLetterMiddleware(BaseMiddleware):
             log.warning("handler failed on %s (delivery %d): %r", raw.subject, deliveries, exc)
             delay = BACKOFF_S[min(deliveries, len(BACKOFF_S)) - 1]
             raise NackMessage(delay=delay) from exc
+        finally:
+            heartbeat.cancel()
+
+
+async def _keep_alive(raw: nats.aio.msg.Msg, every_s: float) -> None:
+    """Tell JetStream a long handler (an LLM call, a gate measurement) is still working, so the
+    message is not redelivered to another replica while it runs."""
+    while True:
+        await asyncio.sleep(every_s)
+        await raw.in_progress()
 
 
 def _summary(exc: ValidationError) -> str:

@@ -62,7 +62,6 @@ ROLES: dict[str, Role] = {
         subscribe=(f"{QUERY_PREFIX}.changes", f"{QUERY_PREFIX}.change"),
         consumers=(
             ("gatekeeper-proposed", "change.proposed"),
-            ("gatekeeper-scored", "run.scored"),
             ("gatekeeper-approved", "change.approved"),
             ("gatekeeper-rejected", "change.rejected"),
         ),
@@ -71,10 +70,11 @@ ROLES: dict[str, Role] = {
     "approver": Role(
         publish=("change.approved", "change.rejected", f"{QUERY_PREFIX}.>"),
         subscribe=("change.>",),
+        consumers=(("policy-approver", "change.awaiting_approval"),),
         reads_prompts=True,
     ),
     "client": Role(
-        publish=("run.requested", f"{QUERY_PREFIX}.>"),
+        publish=("run.requested", "change.proposed", f"{QUERY_PREFIX}.>"),
         subscribe=("run.completed", "run.scored", "failure.logged", "change.>", f"{DLQ_PREFIX}.>"),
         reads_prompts=True,
     ),

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 from datetime import UTC, datetime
+from typing import Literal
 
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -37,6 +38,7 @@ class PromptRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str
+    kind: Literal["initial", "change", "rollback"] = "change"
     change_id: str | None = None
     note: str = ""
 
@@ -93,6 +95,14 @@ class PromptReader:
 
     def current(self, task: str) -> PromptVersion | None:
         return self._current.get(task)
+
+    async def wait_for_version(self, task: str, version: int, timeout: float = 10.0) -> None:
+        """Block until the watch has delivered ``version`` (a write is seen a moment later)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (seen := self._current.get(task)) is None or seen.version < version:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"prompt {task!r} version {version} not seen after {timeout}s")
+            await asyncio.sleep(0.02)
 
 
 class PromptWriter:

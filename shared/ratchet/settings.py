@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     ack_wait_s: float = 300.0
     workers: int = Field(default=8, description="Messages a service handles concurrently.")
     judge_attempts: int = 3
+    min_failures_to_propose: int = 20
+    gate_run_timeout_s: float = 600.0
     agent_max_steps: int = 6
 
     def resolved_store_url(self) -> str:

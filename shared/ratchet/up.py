@@ -51,6 +51,32 @@ class Stack:
         if self.nats is not None:
             self.nats.stop()
 
+    def launch(self, label: str, role: str, app: str) -> subprocess.Popen[bytes]:
+        """Start one service process as its NATS role, logging to ``home/logs/<label>.log``."""
+        assert self.nats is not None
+        home = self.settings.home.resolve()
+        env = {
+            **os.environ,
+            **to_env(self.settings.model_copy(update={"home": home})),
+            **self.nats.env_for(role),
+        }
+        return subprocess.Popen(
+            [sys.executable, "-m", "faststream", "run", app],
+            env=env,
+            stdout=open(home / "logs" / f"{label}.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+
+    def restart(self, name: str, *, kill: bool = False) -> None:
+        """Stop one service (SIGKILL with ``kill``: a crash) and start a new process for it."""
+        [(role, app)] = [(r, a) for n, r, a in SERVICES if n == name]
+        index = next(i for i, (label, _) in enumerate(self.processes) if label == name)
+        old = self.processes[index][1]
+        old.kill() if kill else old.terminate()
+        old.wait(timeout=15)
+        self.processes[index] = (name, self.launch(name, role, app))
+        asyncio.run(_wait_for_consumers(self, [d for d, _ in ROLES[role].consumers]))
+
     def dead(self) -> list[str]:
         return [name for name, process in self.processes if process.poll() is not None]
 
@@ -86,18 +112,7 @@ def start_stack(
             began = time.monotonic()
             for copy in range(copies):
                 label = f"{name}-{copy + 1}" if copies > 1 else name
-                env = {
-                    **os.environ,
-                    **to_env(settings.model_copy(update={"home": home})),
-                    **stack.nats.env_for(role),
-                }
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "faststream", "run", app],
-                    env=env,
-                    stdout=open(logs / f"{label}.log", "ab"),  # noqa: SIM115
-                    stderr=subprocess.STDOUT,
-                )
-                stack.processes.append((label, process))
+                stack.processes.append((label, stack.launch(label, role, app)))
             asyncio.run(_wait_for_consumers(stack, [d for d, _ in ROLES[role].consumers]))
             on_ready(name if copies == 1 else f"{name} x{copies}", time.monotonic() - began)
     except BaseException:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from faststream import FastStream
 from faststream.specification import AsyncAPI
+
 from ratchet.contracts import RunCompleted, RunScored
 from ratchet.messaging import durable_subscriber, event_publisher, make_broker, publish
 from ratchet.models import make_chat_model, model_label
 from ratchet.settings import get_settings
-
 from ratchet_evaluator.judge import Judge
 from ratchet_evaluator.scoring import score_run
 

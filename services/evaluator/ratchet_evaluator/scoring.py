@@ -9,7 +9,6 @@ model call itself propagates, so the message is redelivered and, if it keeps fai
 from __future__ import annotations
 
 from ratchet.contracts import RunCompleted, RunScored
-
 from ratchet_evaluator.checks import run_check
 from ratchet_evaluator.judge import Judge, JudgeError
 

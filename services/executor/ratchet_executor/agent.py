@@ -17,6 +17,7 @@ from langchain_core.tools import BaseTool
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode
+
 from ratchet.contracts import RunCompleted, RunRequested, TokenUsage, TraceStep
 from ratchet.prompts import DEFAULT_PROMPT, PromptVersion, sha256_text
 from ratchet.rules import Rules, compose_system_prompt
@@ -75,6 +76,8 @@ def load_agent_factory(path: str | None) -> AgentFactory:
 class PromptSource(Protocol):
     def current(self, task: str) -> PromptVersion | None: ...
 
+    async def wait_for_version(self, task: str, version: int, timeout: float = 10.0) -> None: ...
+
 
 class Executor:
     """Runs one requested task through the agent and reports everything about the run."""
@@ -97,6 +100,8 @@ class Executor:
         return stored.record.text, stored.version
 
     async def execute(self, request: RunRequested) -> RunCompleted:
+        if request.min_prompt_version is not None and request.candidate_prompt is None:
+            await self.prompts.wait_for_version(request.task, request.min_prompt_version)
         prompt, version = self.task_prompt(request)
         system = compose_system_prompt(self.rules, prompt)
         messages = [SystemMessage(content=system), HumanMessage(content=request.input)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from faststream import FastStream
 from faststream.specification import AsyncAPI
+
 from ratchet.contracts import RunCompleted, RunRequested
 from ratchet.messaging import connect, durable_subscriber, event_publisher, make_broker, publish
 from ratchet.models import make_chat_model, model_label
@@ -11,7 +12,6 @@ from ratchet.prompts import PromptReader
 from ratchet.rules import load_rules
 from ratchet.settings import get_settings
 from ratchet.tools import get_tools
-
 from ratchet_executor.agent import Executor, load_agent_factory
 
 settings = get_settings()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from faststream import FastStream
 from faststream.specification import AsyncAPI
+
 from ratchet.contracts import FailureGroup, FailureLogged, RunCompleted, RunScored
 from ratchet.grouping import group_failures
 from ratchet.messaging import (
@@ -15,7 +16,6 @@ from ratchet.messaging import (
 )
 from ratchet.settings import get_settings
 from ratchet.store import FailureQuery, FailureRecord, Store, open_store
-
 from ratchet_failure_store.recorder import FailureRecorder
 
 settings = get_settings()

@@ -1,0 +1,50 @@
+"""Request/reply bodies for the ``query.*`` subjects (core NATS, outside every stream)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel
+
+from ratchet.contracts import ChangeProposed
+from ratchet.store import AuditRecord
+
+
+class ProposeRequest(BaseModel):
+    task: str
+
+
+class ProposeReply(BaseModel):
+    change: ChangeProposed | None = None
+    error: str | None = None
+
+
+class ChangesQuery(BaseModel):
+    task: str | None = None
+
+
+class ChangeQuery(BaseModel):
+    change_id: str
+
+
+class ChangeSummary(BaseModel):
+    change_id: str
+    task: str
+    status: str
+    updated_at: datetime
+
+
+def summarize(records: list[AuditRecord]) -> list[ChangeSummary]:
+    """One line per change from its audit records: the latest record kind is its status."""
+    by_change: dict[str, list[AuditRecord]] = {}
+    for record in records:
+        by_change.setdefault(record.change_id, []).append(record)
+    summaries = []
+    for change_id, trail in by_change.items():
+        task = next((str(r.payload["task"]) for r in trail if "task" in r.payload), "?")
+        summaries.append(
+            ChangeSummary(
+                change_id=change_id, task=task, status=trail[-1].kind, updated_at=trail[-1].at
+            )
+        )
+    return sorted(summaries, key=lambda s: s.updated_at, reverse=True)
