@@ -43,6 +43,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
+
 from ratchet.contracts import Event, FailureLogged, RunCompleted, RunRequested, RunScored
 from ratchet.messaging import DUPLICATE_WINDOW_S, EVENTS_STREAM, connect
 from ratchet.natsproc import LocalNats, free_port
@@ -397,7 +398,7 @@ def start_raw_hops(settings: Settings, nats_server: LocalNats) -> list[subproces
         subprocess.Popen(
             [sys.executable, __file__, "--hop", hop],
             env=env,
-            stdout=open(logs / f"raw-{hop}.log", "ab"),  # noqa: SIM115
+            stdout=open(logs / f"raw-{hop}.log", "ab"),
             stderr=subprocess.STDOUT,
         )
         for hop in RAW_HOPS
@@ -498,23 +499,59 @@ def machine() -> dict[str, Any]:
     }
 
 
-def print_table(report: dict[str, Any]) -> None:
-    sides = report["sides"]
-    print(f"\n{report['config']['runs']} runs, window {report['config']['window']}, "
-          f"workers {report['config']['workers']}, {report['machine']['cores']} cores")  # fmt: skip
-    header = f"{'side':<10}{'runs/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-    header += f"{'serial p50':>12}{'serial p99':>12}{'stored':>14}"
-    print(header)
-    for name, side in sides.items():
-        loaded, serial = side["loaded"], side["serial"]
-        print(
-            f"{name:<10}{loaded['runs_per_s']:>9.0f}{loaded['p50_ms']:>9.1f}"
-            f"{loaded['p99_ms']:>9.1f}{loaded['max_ms']:>9.1f}"
-            f"{serial['p50_ms']:>12.1f}{serial['p99_ms']:>12.1f}"
-            f"{side['stored']:>7}/{side['published']:<6}"
+def summarize(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians over rounds; the ratio pairs each round's sides, which ran back to back."""
+    summary: dict[str, Any] = {}
+    for name, results in rounds.items():
+        labels = results[0]["cpu_ms_per_run"]
+        summary[name] = {
+            "runs_per_s": statistics.median(r["loaded"]["runs_per_s"] for r in results),
+            "p50_ms": statistics.median(r["loaded"]["p50_ms"] for r in results),
+            "p99_ms": statistics.median(r["loaded"]["p99_ms"] for r in results),
+            "serial_p50_ms": statistics.median(r["serial"]["p50_ms"] for r in results),
+            "serial_p99_ms": statistics.median(r["serial"]["p99_ms"] for r in results),
+            "cpu_ms_per_run": {
+                label: statistics.median(r["cpu_ms_per_run"].get(label, 0.0) for r in results)
+                for label in labels
+            },
+            "cpu_ms_per_run_total": statistics.median(r["cpu_ms_per_run_total"] for r in results),
+            "other_load_cores": statistics.median(r["other_load_cores"] for r in results),
+            "stored": results[-1]["stored"],
+            "published": results[-1]["published"],
+        }
+    if "services" in rounds and "raw" in rounds:
+        summary["ratio"] = statistics.median(
+            s["loaded"]["runs_per_s"] / r["loaded"]["runs_per_s"]
+            for s, r in zip(rounds["services"], rounds["raw"], strict=True)
         )
-    if "ratio" in report:
-        print(f"services / raw throughput: {report['ratio']:.2f}")
+    return summary
+
+
+def print_table(report: dict[str, Any]) -> None:
+    config, summary = report["config"], report["summary"]
+    print(
+        f"\n{config['runs']} runs per side and round, {config['rounds']} round(s), "
+        f"window {config['window']}, workers {config['workers']}, "
+        f"{report['machine']['cores']} cores; medians over rounds"
+    )
+    print(
+        f"{'side':<10}{'runs/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'serial p50':>12}{'serial p99':>12}"
+        f"{'cpu ms/run':>12}{'other load':>12}{'stored':>15}"
+    )
+    for name in report["rounds"]:
+        side = summary[name]
+        print(
+            f"{name:<10}{side['runs_per_s']:>8.0f}{side['p50_ms']:>9.1f}{side['p99_ms']:>9.1f}"
+            f"{side['serial_p50_ms']:>12.1f}{side['serial_p99_ms']:>12.1f}"
+            f"{side['cpu_ms_per_run_total']:>12.2f}{side['other_load_cores']:>12.2f}"
+            f"{side['stored']:>8}/{side['published']:<6}"
+        )
+    if "ratio" in summary:
+        print(f"services / raw throughput: {summary['ratio']:.2f}")
+    print("\nCPU ms per run, by process (loaded phase)")
+    for name in report["rounds"]:
+        parts = summary[name]["cpu_ms_per_run"]
+        print(f"  {name:<9}" + "  ".join(f"{label} {ms:.2f}" for label, ms in parts.items()))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -526,6 +563,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=Settings().workers)
     parser.add_argument("--agent", default="scripted:prompt-sensitive")
     parser.add_argument("--order", default="services,raw", help="sides, in the order run")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat both sides this often")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per phase")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (logs, db)")
@@ -555,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_create_raw_stream(stack.nats, settings))
         hops = start_raw_hops(settings, stack.nats)
         cleanup.callback(_stop, hops)
-        sides = asyncio.run(benchmark(args, settings, stack, hops))
+        rounds = asyncio.run(benchmark(args, settings, stack, hops))
     report: dict[str, Any] = {
         "machine": machine(),
         "config": {
@@ -566,14 +604,12 @@ def main(argv: list[str] | None = None) -> int:
             "workers": args.workers,
             "agent": args.agent,
             "order": args.order,
+            "rounds": args.rounds,
             "poll_ms": POLL_S * 1000,
         },
-        "sides": sides,
+        "summary": summarize(rounds),
+        "rounds": rounds,
     }
-    if "services" in sides and "raw" in sides:
-        report["ratio"] = (
-            sides["services"]["loaded"]["runs_per_s"] / sides["raw"]["loaded"]["runs_per_s"]
-        )
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

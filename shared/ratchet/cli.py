@@ -573,6 +573,83 @@ async def cmd_init_streams(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- ratchet demo -------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import shutil
+
+    from ratchet.demo import DemoError, print_summary, run_demo, write_report
+    from ratchet.models import model_label
+    from ratchet.suites import load_suite
+    from ratchet.up import start_stack
+
+    settings = get_settings()
+    suite_path = settings.suites_dir / f"{args.suite}.json"
+    try:
+        suite = load_suite(suite_path)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot load suite {args.suite!r} from {suite_path}: {exc}") from exc
+    if not args.yes and not sys.stdin.isatty():
+        raise CliError(
+            "no terminal to ask for approval: pass --yes to let the policy approver decide"
+        )
+
+    stack = None
+    if not _stack_running():
+        if args.fresh and settings.home.exists():
+            shutil.rmtree(settings.home)
+        # the demo asks for its proposal itself, so the proposer's automatic trigger is off
+        own = settings.model_copy(update={"min_failures_to_propose": 10**9})
+        console.print(
+            f"[bold]starting Ratchet[/] (agent: {model_label(settings.agent)}) in {settings.home}"
+        )
+        stack = start_stack(
+            own, on_ready=lambda name, s: console.print(f"  [green]ready[/] {name} ({s:.1f}s)")
+        )
+
+    async def demo() -> int:
+        nc = await open_client(client_settings())
+        try:
+            report = await run_demo(
+                nc,
+                suite,
+                model=model_label(settings.agent),
+                threshold=settings.failure_threshold,
+                auto_approve_rule=args.rule if args.yes else None,
+                console=console,
+            )
+        except DemoError as exc:
+            raise CliError(str(exc)) from exc
+        finally:
+            await nc.close()
+        print_summary(report, console)
+        if args.report:
+            write_report(report, Path(args.report))
+            console.print(f"report written to {args.report}")
+        return 0
+
+    try:
+        return asyncio.run(demo())
+    finally:
+        if stack is not None:
+            stack.stop()
+
+
+def _stack_running() -> bool:
+    """Whether a `ratchet up` already answers at the configured address."""
+
+    async def probe() -> bool:
+        try:
+            nc = await open_client(client_settings())
+        except CliError:
+            return False
+        await nc.close()
+        return True
+
+    return asyncio.run(probe())
+
+
 # --- entry point --------------------------------------------------------------------------------
 
 
@@ -663,6 +740,14 @@ def build_parser() -> argparse.ArgumentParser:
     natsconf = sub.add_parser("natsconf", help="write a nats-server config for a deployment")
     natsconf.add_argument("--out", default="deploy")
     natsconf.set_defaults(handler=cmd_natsconf, is_async=False)
+
+    demo = sub.add_parser("demo", help="the whole improvement loop, start to finish")
+    demo.add_argument("--suite", default="demo", help="suite name in config/suites (default demo)")
+    demo.add_argument("--yes", action="store_true", help="let the policy approver decide")
+    demo.add_argument("--rule", default="no-regression", help="the policy approver's rule")
+    demo.add_argument("--report", help="write a JSON report here")
+    demo.add_argument("--fresh", action="store_true", help="start from an empty state directory")
+    demo.set_defaults(handler=cmd_demo, is_async=False)
 
     init = sub.add_parser("init-streams", help="create the streams (as the NATS admin user)")
     init.set_defaults(handler=cmd_init_streams, is_async=True)

@@ -1,0 +1,319 @@
+"""``ratchet demo``: one full improvement cycle, start to finish, on whatever model is configured.
+
+Run the suite's learn cases, show the failures and their groups, get a proposal, let the gate
+measure it, ask the person at the terminal (or the policy approver with ``--yes``), then follow
+the gatekeeper through apply, verify and keep-or-roll-back, and report what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client
+from pydantic import BaseModel, Field, TypeAdapter
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ratchet.approver import policy_decision
+from ratchet.contracts import (
+    ChangeProposed,
+    FailureGroup,
+    Measurement,
+    RunCompleted,
+    RunRequested,
+    TokenUsage,
+)
+from ratchet.messaging import QUERY_PREFIX
+from ratchet.queries import ChangeQuery, ProposeReply, ProposeRequest
+from ratchet.store import AuditRecord, FailureQuery
+from ratchet.suites import Case, Suite
+
+OUTCOMES = {"kept", "rolled_back", "rejected", "invalid", "stale"}
+CONCURRENCY = 8
+
+
+class DemoError(RuntimeError):
+    """The demo could not finish; the message says where it stopped."""
+
+
+class DemoReport(BaseModel):
+    task: str
+    model: str
+    learn_cases: int
+    learn_success_rate: float
+    failures: int
+    groups: list[FailureGroup]
+    change_id: str | None = None
+    proposed_prompt: str | None = None
+    measurement: Measurement | None = None
+    decision: dict[str, Any] | None = None
+    outcome: str
+    gate_before: float | None = None
+    gate_after: float | None = None
+    prompt_version_after: int | None = None
+    runs: int
+    tokens: TokenUsage
+    seconds: float
+    trail: list[str] = Field(default_factory=list)
+
+
+class UsageMeter:
+    """Counts runs and tokens of every run completed while the demo watches."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.tokens = TokenUsage()
+
+    async def on_completed(self, msg: Any) -> None:
+        run = RunCompleted.model_validate_json(msg.data)
+        self.runs += 1
+        self.tokens = self.tokens + run.usage
+
+
+async def _request(
+    nc: Client, subject: str, body: BaseModel, answer: TypeAdapter[Any], timeout: float
+) -> Any:
+    try:
+        reply = await nc.request(subject, body.model_dump_json().encode(), timeout=timeout)
+    except Exception as exc:
+        raise DemoError(
+            f"no answer on {subject} ({type(exc).__name__}): is every service up?"
+        ) from exc
+    return answer.validate_json(reply.data)
+
+
+async def run_learn_cases(
+    nc: Client, suite: Suite, console: Console, threshold: float
+) -> list[tuple[Case, RunCompleted, float | None]]:
+    from ratchet.cli import submit_and_wait
+
+    limit = asyncio.Semaphore(CONCURRENCY)
+    results: list[tuple[Case, RunCompleted, float | None]] = []
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task(f"running {suite.name} learn cases", total=len(suite.learn))
+
+        async def one(case: Case) -> None:
+            async with limit:
+                request = RunRequested(task=suite.name, input=case.input, check=case.check)
+                run, score, _ = await submit_and_wait(nc, request, timeout=600, threshold=threshold)
+                results.append((case, run, score.score))
+                progress.advance(bar)
+
+        await asyncio.gather(*(one(case) for case in suite.learn))
+    return results
+
+
+async def wait_for_trail(
+    nc: Client, change_id: str, kinds: set[str], timeout: float
+) -> list[AuditRecord]:
+    deadline = time.monotonic() + timeout
+    while True:
+        trail: list[AuditRecord] = await _request(
+            nc,
+            f"{QUERY_PREFIX}.change",
+            ChangeQuery(change_id=change_id),
+            TypeAdapter(list[AuditRecord]),
+            timeout=10,
+        )
+        if any(r.kind in kinds for r in trail):
+            return trail
+        if time.monotonic() > deadline:
+            seen = [r.kind for r in trail]
+            raise DemoError(
+                f"change {change_id} did not reach {sorted(kinds)} in {timeout:.0f}s (saw {seen})"
+            )
+        await asyncio.sleep(0.5)
+
+
+def ask_person(console: Console) -> tuple[bool, str]:
+    while True:
+        answer = console.input("[bold]Approve this change? [y/n] [/]").strip().lower()
+        if answer in ("y", "yes", "n", "no"):
+            break
+    reason = console.input("Reason (for the audit log): ").strip() or "no reason given"
+    return answer.startswith("y"), reason
+
+
+async def run_demo(
+    nc: Client,
+    suite: Suite,
+    *,
+    model: str,
+    threshold: float,
+    auto_approve_rule: str | None,
+    console: Console,
+    gate_timeout: float = 1800,
+) -> DemoReport:
+    from ratchet.cli import print_evidence, send_decision
+
+    started = time.monotonic()
+    meter = UsageMeter()
+    sub = await nc.subscribe(RunCompleted.subject, cb=meter.on_completed)
+    try:
+        console.rule(f"1. run the {len(suite.learn)} learn cases of {suite.name!r} on {model}")
+        results = await run_learn_cases(nc, suite, console, threshold)
+        passed = sum(s is not None and s >= threshold for _, _, s in results)
+        console.print(f"passed {passed}/{len(results)}; the rest are stored as failures")
+
+        console.rule("2. failures, grouped by problem")
+        failures = len(results) - passed
+        groups: list[FailureGroup] = await _request(
+            nc,
+            f"{QUERY_PREFIX}.groups",
+            FailureQuery(task=suite.name, limit=500),
+            TypeAdapter(list[FailureGroup]),
+            timeout=30,
+        )
+        table = Table("failures", "problem")
+        for group in groups:
+            table.add_row(str(group.size), group.label)
+        console.print(table)
+
+        def report(outcome: str, **extra: Any) -> DemoReport:
+            return DemoReport(
+                task=suite.name,
+                model=model,
+                learn_cases=len(results),
+                learn_success_rate=passed / len(results) if results else 0.0,
+                failures=failures,
+                groups=groups,
+                outcome=outcome,
+                runs=meter.runs,
+                tokens=meter.tokens,
+                seconds=time.monotonic() - started,
+                **extra,
+            )
+
+        if failures == 0:
+            console.print("[green]no failures: nothing to improve[/]")
+            return report("nothing_to_improve")
+
+        console.rule("3. the proposer writes a new task prompt")
+        reply: ProposeReply = await _request(
+            nc,
+            f"{QUERY_PREFIX}.propose",
+            ProposeRequest(task=suite.name),
+            TypeAdapter(ProposeReply),
+            timeout=600,
+        )
+        if reply.change is None:
+            console.print(f"[red]no proposal:[/] {reply.error}")
+            return report("no_proposal")
+        change: ChangeProposed = reply.change
+        console.print(f"[bold]proposed prompt:[/] {change.proposed_prompt}")
+
+        console.rule(f"4. the gatekeeper measures it on the {len(suite.gate)} gate cases")
+        with console.status("measuring current and candidate prompts…"):
+            trail = await wait_for_trail(
+                nc, change.change_id, {"awaiting_approval", "invalid"}, gate_timeout
+            )
+        print_evidence(trail)
+        if any(r.kind == "invalid" for r in trail):
+            return report(
+                "invalid",
+                change_id=change.change_id,
+                proposed_prompt=change.proposed_prompt,
+                trail=[r.kind for r in trail],
+            )
+        measurement = Measurement.model_validate(
+            next(r.payload for r in trail if r.kind == "measured")
+        )
+
+        console.rule("5. the approval gate")
+        if auto_approve_rule:
+            approve, reason = policy_decision(measurement, auto_approve_rule)
+            approver = f"policy:{auto_approve_rule}"
+            console.print(
+                f"policy approver ({auto_approve_rule}): {'approve' if approve else 'reject'} — {reason}"
+            )
+        else:
+            approve, reason = ask_person(console)
+            approver = "demo:terminal"
+        await send_decision(change.change_id, approve=approve, reason=reason, approver=approver)
+
+        console.rule("6. apply, verify, keep or roll back")
+        with console.status("waiting for the gatekeeper…"):
+            trail = await wait_for_trail(nc, change.change_id, OUTCOMES, gate_timeout)
+        by_kind = {r.kind: r.payload for r in trail}
+        outcome = next(r.kind for r in reversed(trail) if r.kind in OUTCOMES)
+        verified = by_kind.get("verified", {})
+        final = by_kind.get(outcome, {})
+        return report(
+            outcome,
+            change_id=change.change_id,
+            proposed_prompt=change.proposed_prompt,
+            measurement=measurement,
+            decision={"approved": approve, "approver": approver, "reason": reason},
+            gate_before=measurement.current.success_rate,
+            gate_after=verified.get("after"),
+            prompt_version_after=final.get("version"),
+            trail=[r.kind for r in trail],
+        )
+    finally:
+        with suppress(Exception):
+            await sub.unsubscribe()
+
+
+def print_summary(report: DemoReport, console: Console) -> None:
+    console.rule("summary")
+    table = Table(show_header=False)
+    table.add_row("task / model", f"{report.task} / {report.model}")
+    table.add_row("learn cases passed", f"{report.learn_success_rate:.0%} of {report.learn_cases}")
+    table.add_row("failures / patterns", f"{report.failures} / {len(report.groups)}")
+    if report.measurement:
+        m = report.measurement
+        table.add_row(
+            "gate: current -> candidate",
+            f"{m.current.success_rate:.0%} -> {m.candidate.success_rate:.0%} "
+            f"(95% CI of the difference {m.ci95[0]:+.0%} to {m.ci95[1]:+.0%})",
+        )
+    if report.decision:
+        table.add_row(
+            "decision",
+            f"{'approved' if report.decision['approved'] else 'rejected'} by {report.decision['approver']}",
+        )
+    if report.gate_after is not None:
+        table.add_row("gate after applying", f"{report.gate_after:.0%}")
+    table.add_row("outcome", report.outcome)
+    table.add_row(
+        "runs / tokens",
+        f"{report.runs} runs, {report.tokens.input_tokens}+{report.tokens.output_tokens} tokens",
+    )
+    table.add_row("time", f"{report.seconds:.0f}s")
+    console.print(table)
+    console.print(_verdict(report))
+
+
+def _verdict(report: DemoReport) -> str:
+    """Say plainly what happened, including when nothing improved."""
+    m = report.measurement
+    if report.outcome == "kept" and m is not None:
+        if m.diff > 0:
+            return f"The change helped on the gate set ({m.diff:+.0%}) and was kept after verification."
+        return "The change did not make the gate set worse, so it was kept; it did not help either."
+    if report.outcome == "rolled_back":
+        return "The change was approved but made the gate set worse on verification, so it was rolled back."
+    if report.outcome == "rejected":
+        return "The change was rejected at the gate; the prompt is unchanged."
+    if report.outcome == "invalid":
+        return "The proposal broke the pinned rules or targeted a stale version; it was refused unmeasured."
+    if report.outcome == "no_proposal":
+        return "The proposer model gave no usable proposal; nothing changed."
+    return f"Outcome: {report.outcome}."
+
+
+def write_report(report: DemoReport, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.model_dump(mode="json"), indent=2))

@@ -1,0 +1,103 @@
+"""`ratchet demo` end to end: scripted prompt-sensitive model in full, the real local model small."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ratchet.natsproc import free_port
+from ratchet.suites import load_suite, save_suite
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def demo(tmp_path: Path, env: dict[str, str], *args: str, timeout: float) -> dict[str, object]:
+    report = tmp_path / "report.json"
+    ran = subprocess.run(
+        [sys.executable, "-m", "ratchet.cli", "demo", "--yes", "--report", str(report), *args],
+        env={
+            **os.environ,
+            "RATCHET_HOME": str(tmp_path / "home"),
+            "RATCHET_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+            "RATCHET_LOCAL_MODEL_PORT": str(free_port()),
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert "summary" in ran.stdout
+    loaded: dict[str, object] = json.loads(report.read_text())
+    return loaded
+
+
+def test_demo_runs_a_full_cycle_with_the_scripted_model(tmp_path: Path) -> None:
+    report = demo(
+        tmp_path,
+        {
+            "RATCHET_AGENT__SPEC": "scripted:prompt-sensitive",
+            "RATCHET_JUDGE__SPEC": "scripted:judge-yes",
+            "RATCHET_PROPOSER__SPEC": "scripted:proposer-fix",
+        },
+        timeout=300,
+    )
+    suite = load_suite(REPO / "config" / "suites" / "demo.json")
+    assert report["outcome"] == "kept"
+    assert report["trail"] == [
+        "proposed",
+        "received",
+        "measured",
+        "awaiting_approval",
+        "approved",
+        "applied",
+        "verified",
+        "kept",
+    ]
+    measurement = report["measurement"]
+    assert isinstance(measurement, dict)
+    assert measurement["candidate"]["success_rate"] > measurement["current"]["success_rate"]
+    assert report["gate_after"] == measurement["candidate"]["success_rate"]
+    # learn runs + both gate arms + verification
+    assert report["runs"] == len(suite.learn) + 3 * len(suite.gate)
+    assert report["decision"] == {
+        "approved": True,
+        "approver": "policy:no-regression",
+        "reason": report["decision"]["reason"],  # type: ignore[index]
+    }
+
+
+def test_demo_refuses_to_wait_for_a_person_without_a_terminal(tmp_path: Path) -> None:
+    ran = subprocess.run(
+        [sys.executable, "-m", "ratchet.cli", "demo"],
+        env={**os.environ, "RATCHET_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert ran.returncode == 1 and "--yes" in ran.stderr
+
+
+@pytest.mark.local_model
+def test_demo_on_the_real_local_model(tmp_path: Path) -> None:
+    """SmolLM2-135M through llama.cpp for agent, judge and proposer, on a small slice of the
+    demo suite. The tiny model rarely improves anything: the test checks that the cycle ran
+    and the gate decided, not that the score rose."""
+    full = load_suite(REPO / "config" / "suites" / "demo.json")
+    small = full.model_copy(update={"learn": full.learn[:6], "gate": full.gate[:6]})
+    suites = tmp_path / "suites"
+    save_suite(small, suites / f"{small.name}.json")
+    report = demo(tmp_path, {"RATCHET_SUITES_DIR": str(suites)}, timeout=900)
+    assert report["model"] == "smollm2-135m-instruct"
+    assert report["learn_cases"] == 6
+    outcomes = {"kept", "rolled_back", "rejected", "invalid", "no_proposal", "nothing_to_improve"}
+    assert report["outcome"] in outcomes
+    if report["outcome"] in {"kept", "rolled_back", "rejected"}:
+        assert report["measurement"] is not None and "measured" in report["trail"]  # type: ignore[operator]
