@@ -116,6 +116,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 # --- ratchet run --------------------------------------------------------------------------------
 
 
+EXPECTED: dict[str, type[RunCompleted | RunScored | FailureLogged]] = {
+    RunCompleted.subject: RunCompleted,
+    RunScored.subject: RunScored,
+    FailureLogged.subject: FailureLogged,
+}
+
+
 async def submit_and_wait(
     nc: Client, request_: RunRequested, *, timeout: float, threshold: float
 ) -> tuple[RunCompleted, RunScored, bool]:
@@ -128,12 +135,7 @@ async def submit_and_wait(
         return bool(scored and scored.score is not None and scored.score < threshold)
 
     async def on_message(msg: Any) -> None:
-        model = {
-            RunCompleted.subject: RunCompleted,
-            RunScored.subject: RunScored,
-            FailureLogged.subject: FailureLogged,
-        }[msg.subject]
-        event = model.model_validate_json(msg.data)
+        event = EXPECTED[msg.subject].model_validate_json(msg.data)
         if event.run_id != request_.run_id:
             return
         got[msg.subject] = event
@@ -143,7 +145,7 @@ async def submit_and_wait(
 
     subs = [
         await nc.subscribe(s, cb=on_message)
-        for s in (RunCompleted.subject, RunScored.subject, FailureLogged.subject)
+        for s in EXPECTED
     ]
     try:
         ack = nc.jetstream().publish(

@@ -14,10 +14,12 @@ from functools import partial
 from typing import Any
 
 import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 from faststream import AckPolicy, BaseMiddleware
 from faststream.exceptions import AckMessage, NackMessage
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsUserPassword, PullSub
-from faststream.nats.message import NatsMessage
+from faststream.message import StreamMessage
 from faststream.nats.publisher.usecase import LogicPublisher
 from nats.errors import NotJSMessageError
 from nats.js import JetStreamContext
@@ -74,7 +76,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
 
 async def connect(
     settings: Settings, *, name: str, reconnect: bool = True
-) -> nats.aio.client.Client:
+) -> Client:
     """A plain nats-py connection as this process's NATS user (CLI, prompt store, admin).
 
     A one-shot client (the CLI) passes ``reconnect=False``: an unreachable server then fails
@@ -90,7 +92,8 @@ async def connect(
         max_reconnect_attempts=-1 if reconnect else 0,
         error_cb=_log_error if reconnect else _ignore_error,
     )
-    return await (attempt if reconnect else asyncio.wait_for(attempt, timeout=5))
+    client: Client = await (attempt if reconnect else asyncio.wait_for(attempt, timeout=5))
+    return client
 
 
 async def _log_error(exc: Exception) -> None:
@@ -191,7 +194,7 @@ class DeadLetterMiddleware(BaseMiddleware):
         self.ack_wait_s = ack_wait_s
 
     async def consume_scope(
-        self, call_next: Callable[[Any], Awaitable[Any]], msg: NatsMessage
+        self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]
     ) -> Any:
         raw = msg.raw_message
         try:
@@ -215,7 +218,7 @@ class DeadLetterMiddleware(BaseMiddleware):
             heartbeat.cancel()
 
 
-async def _keep_alive(raw: nats.aio.msg.Msg, every_s: float) -> None:
+async def _keep_alive(raw: Msg, every_s: float) -> None:
     """Tell JetStream a long handler (an LLM call, a gate measurement) is still working, so the
     message is not redelivered to another replica while it runs."""
     while True:
@@ -229,7 +232,7 @@ def _summary(exc: ValidationError) -> str:
     return f"{exc.error_count()} error(s), first at {where}: {first.get('msg')}"
 
 
-async def _dead_letter(raw: nats.aio.msg.Msg, reason: str, deliveries: int) -> None:
+async def _dead_letter(raw: Msg, reason: str, deliveries: int) -> None:
     letter = DeadLetter(
         subject=raw.subject,
         reason=reason,

@@ -51,7 +51,7 @@ def make_chat_model(config: ModelSettings, *, local_port: int = 8088) -> BaseCha
         return ChatOpenAI(
             model=LOCAL_MODEL_NAME,
             base_url=config.base_url or local_base_url(local_port),
-            api_key="local",  # type: ignore[arg-type]
+            api_key="local",
             temperature=config.temperature,
             max_completion_tokens=config.max_tokens,
             timeout=config.timeout_s,
@@ -67,7 +67,7 @@ def make_chat_model(config: ModelSettings, *, local_port: int = 8088) -> BaseCha
         return ChatOpenAI(
             model=name,
             base_url=config.base_url,
-            api_key=config.api_key or ("none" if config.base_url else None),  # type: ignore[arg-type]
+            api_key=config.api_key or ("none" if config.base_url else None),
             temperature=config.temperature,
             max_completion_tokens=config.max_tokens,
             timeout=config.timeout_s,
@@ -75,7 +75,7 @@ def make_chat_model(config: ModelSettings, *, local_port: int = 8088) -> BaseCha
     if provider == "anthropic":
         from langchain_anthropic import ChatAnthropic
 
-        return ChatAnthropic(  # type: ignore[call-arg]
+        return ChatAnthropic(
             model=name,
             api_key=config.api_key,
             base_url=config.base_url,

@@ -91,7 +91,7 @@ class PromptReader:
                 self._current[entry.key] = _version(entry)
                 log.info("prompt %s is now version %s", entry.key, entry.revision)
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]
 
     def current(self, task: str) -> PromptVersion | None:
         return self._current.get(task)

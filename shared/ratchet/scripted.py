@@ -59,7 +59,7 @@ class ScriptedChatModel(BaseChatModel):
     ) -> ChatResult:
         return self._generate(messages, stop, None, **kwargs)
 
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:  # type: ignore[override]
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
         """Scripts decide on tool calls themselves; binding changes nothing."""
         return self
 

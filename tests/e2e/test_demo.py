@@ -93,7 +93,7 @@ def test_demo_on_the_real_local_model(tmp_path: Path) -> None:
     full = load_suite(REPO / "config" / "suites" / "demo.json")
     small = full.model_copy(update={"learn": full.learn[:6], "gate": full.gate[:6]})
     suites = tmp_path / "suites"
-    save_suite(small, suites / f"{small.name}.json")
+    save_suite(small, suites / "demo.json")  # what `ratchet demo` loads by default
     report = demo(tmp_path, {"RATCHET_SUITES_DIR": str(suites)}, timeout=900)
     assert report["model"] == "smollm2-135m-instruct"
     assert report["learn_cases"] == 6

@@ -150,10 +150,10 @@ def _trace_step(message: AnyMessage, ms: float) -> tuple[TraceStep, TokenUsage]:
         return step, TokenUsage()
     if isinstance(message, AIMessage):
         calls = "; ".join(f"{c['name']}({c['args']})" for c in message.tool_calls)
-        meta = message.usage_metadata or {}
+        meta = message.usage_metadata
         usage = TokenUsage(
-            input_tokens=int(meta.get("input_tokens", 0)),
-            output_tokens=int(meta.get("output_tokens", 0)),
+            input_tokens=meta["input_tokens"] if meta else 0,
+            output_tokens=meta["output_tokens"] if meta else 0,
         )
         step = TraceStep(
             kind="model", name="agent", input=calls, output=_clip(message.content), ms=ms
