@@ -101,3 +101,47 @@ def test_demo_on_the_real_local_model(tmp_path: Path) -> None:
     assert report["outcome"] in outcomes
     if report["outcome"] in {"kept", "rolled_back", "rejected"}:
         assert report["measurement"] is not None and "measured" in report["trail"]  # type: ignore[operator]
+
+
+def test_a_bigbench_task_imported_from_the_cli_runs_a_cycle(tmp_path: Path) -> None:
+    bigbench = REPO.parent / "shared" / "datasets" / "bigbench" / "object_counting" / "task.json"
+    if not bigbench.exists():
+        pytest.skip(f"the BIG-bench reference files are not beside the repo ({bigbench})")
+    suites = tmp_path / "suites"
+    imported = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ratchet.cli",
+            "suite",
+            "import",
+            str(bigbench),
+            "--name",
+            "counting",
+            "--gate-size",
+            "20",
+            "--learn-size",
+            "20",
+        ],
+        env={**os.environ, "RATCHET_SUITES_DIR": str(suites)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert imported.returncode == 0, imported.stderr
+    suite = load_suite(suites / "counting.json")
+    assert len(suite.gate) == 20 and len(suite.learn) == 20
+    report = demo(
+        tmp_path,
+        {
+            "RATCHET_SUITES_DIR": str(suites),
+            "RATCHET_AGENT__SPEC": "scripted:prompt-sensitive",
+            "RATCHET_JUDGE__SPEC": "scripted:judge-yes",
+            "RATCHET_PROPOSER__SPEC": "scripted:proposer-fix",
+        },
+        "--suite",
+        "counting",
+        timeout=300,
+    )
+    assert report["task"] == "counting" and report["outcome"] == "kept"
+    assert report["runs"] == 20 + 3 * 20
