@@ -46,10 +46,19 @@ from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
 from ratchet.contracts import Event, FailureLogged, RunCompleted, RunRequested, RunScored
 from ratchet.messaging import DUPLICATE_WINDOW_S, EVENTS_STREAM, connect
+from ratchet.models import make_chat_model, model_label
 from ratchet.natsproc import LocalNats, free_port
+from ratchet.prompts import PromptReader
+from ratchet.rules import load_rules
 from ratchet.settings import ModelSettings, Settings, to_env
+from ratchet.store import open_store
 from ratchet.suites import load_suites
+from ratchet.tools import get_tools
 from ratchet.up import SERVICES, Stack, start_stack
+from ratchet_evaluator.judge import Judge
+from ratchet_evaluator.scoring import score_run
+from ratchet_executor.agent import Executor, load_agent_factory
+from ratchet_failure_store.recorder import FailureRecorder
 
 log = logging.getLogger("ratchet.benchmark")
 
@@ -126,12 +135,6 @@ async def raw_serve(
 
 
 async def raw_executor(settings: Settings, nc: Client) -> None:
-    from ratchet.models import make_chat_model, model_label
-    from ratchet.prompts import PromptReader
-    from ratchet.rules import load_rules
-    from ratchet.tools import get_tools
-    from ratchet_executor.agent import Executor, load_agent_factory
-
     js = nc.jetstream()
     prompts = PromptReader(js)
     await prompts.start()
@@ -152,10 +155,6 @@ async def raw_executor(settings: Settings, nc: Client) -> None:
 
 
 async def raw_evaluator(settings: Settings, nc: Client) -> None:
-    from ratchet.models import make_chat_model, model_label
-    from ratchet_evaluator.judge import Judge
-    from ratchet_evaluator.scoring import score_run
-
     js = nc.jetstream()
     judge = Judge(
         make_chat_model(settings.judge, local_port=settings.local_model_port),
@@ -170,9 +169,6 @@ async def raw_evaluator(settings: Settings, nc: Client) -> None:
 
 
 async def raw_store(settings: Settings, nc: Client) -> None:
-    from ratchet.store import open_store
-    from ratchet_failure_store.recorder import FailureRecorder
-
     js = nc.jetstream()
     recorder = FailureRecorder(
         open_store(settings.resolved_store_url()), threshold=settings.failure_threshold
@@ -325,8 +321,8 @@ async def drive(
 
 
 def demo_requests(settings: Settings) -> Iterator[RunRequested]:
-    """The demo suite's cases, round and round: with the default prompt some pass, some fail,
-    so both the plain store path and the failure path (record + ``failure.logged``) are taken."""
+    """The demo suite's cases, round and round: with the default prompt most fail and some pass,
+    so both the failure path (record + ``failure.logged``) and the plain store path are taken."""
     suite = load_suites(settings.suites_dir)[SUITE]
     for case in itertools.cycle([*suite.learn, *suite.gate]):
         yield RunRequested(task=suite.name, input=case.input, check=case.check)
@@ -334,7 +330,6 @@ def demo_requests(settings: Settings) -> Iterator[RunRequested]:
 
 @dataclass
 class Side:
-    name: str
     subject: str
     stream: str
     poller: StoredPoller
@@ -447,14 +442,12 @@ async def benchmark(
     shared = {"nats-server": stack.nats.process.pid, "driver": os.getpid()}
     sides = {
         "services": Side(
-            "services",
             RunRequested.subject,
             EVENTS_STREAM,
             StoredPoller(sqlite_path(settings.resolved_store_url())),
             {**{name: p.pid for name, p in stack.processes}, **shared},
         ),
         "raw": Side(
-            "raw",
             raw_subject(RunRequested),
             RAW_STREAM,
             StoredPoller(sqlite_path(raw_store_url(settings))),
@@ -560,8 +553,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured runs first")
     parser.add_argument("--serial", type=int, default=100, help="runs one at a time, after")
     parser.add_argument("--window", type=int, default=64, help="runs in flight under load")
-    parser.add_argument("--workers", type=int, default=Settings().workers)
-    parser.add_argument("--agent", default="scripted:prompt-sensitive")
+    parser.add_argument(
+        "--workers", type=int, default=Settings().workers, help="messages each hop handles at once"
+    )
+    parser.add_argument("--agent", default="scripted:prompt-sensitive", help="the agent's model")
     parser.add_argument("--order", default="services,raw", help="sides, in the order run")
     parser.add_argument("--rounds", type=int, default=1, help="repeat both sides this often")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per phase")

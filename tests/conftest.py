@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from ratchet.natsproc import LocalNats, free_port, start_nats
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,6 +10,8 @@ advice). Rules:
 
 from __future__ import annotations
 
+import math
+
 from faststream import FastStream
 
 from ratchet.contracts import ChangeApproved, ChangeAwaitingApproval, ChangeRejected, Measurement
@@ -18,14 +20,16 @@ from ratchet.settings import Settings
 
 
 def parse_rule(rule: str) -> float | None:
-    """None for ``no-regression``, the minimum lift for ``min-lift:X``; anything else is an error."""
+    """None for ``no-regression``, the minimum lift for ``min-lift:X``; else an error."""
     if rule == "no-regression":
         return None
     if rule.startswith("min-lift:"):
         try:
-            return float(rule.split(":", 1)[1])
+            lift = float(rule.split(":", 1)[1])
         except ValueError:
-            pass
+            lift = math.nan
+        if 0 <= lift <= 1:  # a negative lift would approve changes that make things worse
+            return lift
     raise ValueError(f"unknown approval rule {rule!r}; use no-regression or min-lift:X")
 
 

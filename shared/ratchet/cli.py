@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import sys
@@ -67,7 +68,8 @@ async def open_client(settings: Settings) -> Client:
         return await connect(settings, name="ratchet-cli", reconnect=False)
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         raise CliError(
-            f"cannot reach NATS at {settings.nats_url} ({type(exc).__name__}): is `ratchet up` running?"
+            f"cannot reach NATS at {settings.nats_url} ({type(exc).__name__}): is `ratchet "
+            "up` running?"
         ) from exc
 
 
@@ -143,10 +145,7 @@ async def submit_and_wait(
         if complete and (not expecting_failure() or FailureLogged.subject in got):
             done.set()
 
-    subs = [
-        await nc.subscribe(s, cb=on_message)
-        for s in EXPECTED
-    ]
+    subs = [await nc.subscribe(s, cb=on_message) for s in EXPECTED]
     try:
         ack = nc.jetstream().publish(
             request_.subject,
@@ -207,7 +206,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
         )
         return 0
     console.print(
-        f"[bold]run[/] {run.run_id}  task={run.task}  prompt v{run.prompt_version}  model={run.model}"
+        f"[bold]run[/] {run.run_id}  task={run.task}  prompt v{run.prompt_version}  "
+        f"model={run.model}"
     )
     if run.error:
         console.print(f"[red]crashed:[/] {run.error}")
@@ -222,7 +222,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
     if logged:
         console.print("[red]stored as a failure[/] (see `ratchet failures`)")
     console.print(
-        f"[dim]{run.latency_ms:.0f} ms, {run.usage.input_tokens}+{run.usage.output_tokens} tokens, {len(run.trace)} steps[/]"
+        f"[dim]{run.latency_ms:.0f} ms, {run.usage.input_tokens}+{run.usage.output_tokens} "
+        f"tokens, {len(run.trace)} steps[/]"
     )
     return 0
 
@@ -266,7 +267,8 @@ async def cmd_failures(args: argparse.Namespace) -> int:
         return 0
     for f in failures:
         console.rule(
-            f"[bold]{f.task}[/] run {f.run_id} · score {f.score:.2f} · {f.logged_at:%Y-%m-%d %H:%M:%S}"
+            f"[bold]{f.task}[/] run {f.run_id} · score {f.score:.2f} · "
+            f"{f.logged_at:%Y-%m-%d %H:%M:%S}"
         )
         console.print(f"[bold]input:[/] {f.input}")
         console.print(f"[bold]output:[/] {f.output or '(empty)'}")
@@ -323,7 +325,8 @@ async def cmd_propose(args: argparse.Namespace) -> int:
         raise CliError(reply.error or "the proposer made no proposal")
     change = reply.change
     console.print(
-        f"proposed change [bold]{change.change_id}[/] for {change.task} (from v{change.base_version})"
+        f"proposed change [bold]{change.change_id}[/] for {change.task} (from "
+        f"v{change.base_version})"
     )
     console.print(f"[bold]prompt:[/] {change.proposed_prompt}")
     console.print(f"[bold]why:[/] {change.rationale}")
@@ -374,7 +377,8 @@ def print_evidence(trail: list[AuditRecord]) -> None:
     by_kind = {r.kind: r.payload for r in trail}
     if received := by_kind.get("received"):
         console.print(
-            f"[bold]task:[/] {received['task']}  [bold]base version:[/] v{received['base_version']}  [bold]by:[/] {received['proposer']}"
+            f"[bold]task:[/] {received['task']}  [bold]base version:[/] "
+            f"v{received['base_version']}  [bold]by:[/] {received['proposer']}"
         )
         console.print(f"[bold]rationale:[/] {received['rationale']}")
     if diff := by_kind.get("awaiting_approval"):
@@ -385,7 +389,8 @@ def print_evidence(trail: list[AuditRecord]) -> None:
         low, high = m.ci95
         console.print(
             f"[bold]gate set ({m.cases} cases):[/] current {m.current.success_rate:.0%} -> "
-            f"candidate {m.candidate.success_rate:.0%}  (diff {m.diff:+.0%}, 95% CI {low:+.0%} to {high:+.0%})"
+            f"candidate {m.candidate.success_rate:.0%}  (diff {m.diff:+.0%}, 95% CI "
+            f"{low:+.0%} to {high:+.0%})"
         )
         better = sum(d > 0 for d in m.per_case_diff.values())
         worse = sum(d < 0 for d in m.per_case_diff.values())
@@ -451,10 +456,8 @@ def cmd_approver(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     console.print(f"policy approver running with rule {args.rule!r}; Ctrl-C stops")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(app.run())
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
@@ -483,7 +486,8 @@ async def cmd_prompts(args: argparse.Namespace) -> int:
                 timeout=5,
             )
             console.print(
-                f"proposed rollback as change {change.change_id}: it goes through the gate like any change"
+                f"proposed rollback as change {change.change_id}: it goes through the gate "
+                "like any change"
             )
             return 0
     finally:
@@ -535,7 +539,8 @@ def cmd_suite_import(args: argparse.Namespace) -> int:
     target = settings.suites_dir / f"{suite.name}.json"
     save_suite(suite, target)
     console.print(
-        f"imported task {suite.name!r}: {len(suite.learn)} learn + {len(suite.gate)} gate cases -> {target}"
+        f"imported task {suite.name!r}: {len(suite.learn)} learn + {len(suite.gate)} gate "
+        f"cases -> {target}"
     )
     return 0
 

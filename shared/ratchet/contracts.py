@@ -41,7 +41,8 @@ class Event(BaseModel):
 class Check(BaseModel):
     """A programmatic check of a run's output, used instead of the LLM judge when present.
 
-    - ``exact``: the output, trimmed, equals ``expected`` (case-insensitive unless ``case_sensitive``).
+    - ``exact``: the trimmed output equals ``expected`` (case-insensitive unless
+      ``case_sensitive``).
     - ``any_of``: the output equals one of ``expected`` (a list).
     - ``regex``: ``expected`` matches somewhere in the output.
     - ``number``: the last number in the output is within ``tolerance`` of ``expected``.

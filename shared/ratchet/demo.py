@@ -236,7 +236,8 @@ async def run_demo(
             approve, reason = policy_decision(measurement, auto_approve_rule)
             approver = f"policy:{auto_approve_rule}"
             console.print(
-                f"policy approver ({auto_approve_rule}): {'approve' if approve else 'reject'} — {reason}"
+                f"policy approver ({auto_approve_rule}): "
+                f"{'approve' if approve else 'reject'} — {reason}"
             )
         else:
             approve, reason = ask_person(console)
@@ -282,7 +283,8 @@ def print_summary(report: DemoReport, console: Console) -> None:
     if report.decision:
         table.add_row(
             "decision",
-            f"{'approved' if report.decision['approved'] else 'rejected'} by {report.decision['approver']}",
+            f"{'approved' if report.decision['approved'] else 'rejected'} by "
+            f"{report.decision['approver']}",
         )
     if report.gate_after is not None:
         table.add_row("gate after applying", f"{report.gate_after:.0%}")
@@ -301,14 +303,23 @@ def _verdict(report: DemoReport) -> str:
     m = report.measurement
     if report.outcome == "kept" and m is not None:
         if m.diff > 0:
-            return f"The change helped on the gate set ({m.diff:+.0%}) and was kept after verification."
+            return (
+                f"The change helped on the gate set ({m.diff:+.0%}) and was kept after "
+                "verification."
+            )
         return "The change did not make the gate set worse, so it was kept; it did not help either."
     if report.outcome == "rolled_back":
-        return "The change was approved but made the gate set worse on verification, so it was rolled back."
+        return (
+            "The change was approved but made the gate set worse on verification, so it was "
+            "rolled back."
+        )
     if report.outcome == "rejected":
         return "The change was rejected at the gate; the prompt is unchanged."
     if report.outcome == "invalid":
-        return "The proposal broke the pinned rules or targeted a stale version; it was refused unmeasured."
+        return (
+            "The proposal broke the pinned rules or targeted a stale version; it was "
+            "refused unmeasured."
+        )
     if report.outcome == "no_proposal":
         return "The proposer model gave no usable proposal; nothing changed."
     return f"Outcome: {report.outcome}."

@@ -14,13 +14,13 @@ from functools import partial
 from typing import Any
 
 import nats
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 from faststream import AckPolicy, BaseMiddleware
 from faststream.exceptions import AckMessage, NackMessage
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsUserPassword, PullSub
 from faststream.message import StreamMessage
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsUserPassword, PullSub
 from faststream.nats.publisher.usecase import LogicPublisher
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
@@ -74,9 +74,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
     )
 
 
-async def connect(
-    settings: Settings, *, name: str, reconnect: bool = True
-) -> Client:
+async def connect(settings: Settings, *, name: str, reconnect: bool = True) -> Client:
     """A plain nats-py connection as this process's NATS user (CLI, prompt store, admin).
 
     A one-shot client (the CLI) passes ``reconnect=False``: an unreachable server then fails
@@ -145,7 +143,8 @@ def durable_subscriber(
         subject,
         stream=events_stream,
         durable=durable,
-        pull_sub=PullSub(batch_size=settings.workers, timeout=1.0),
+        # fetch returns as soon as a message arrives; a long window means fewer empty polls
+        pull_sub=PullSub(batch_size=settings.workers, timeout=5.0),
         config=ConsumerConfig(
             ack_wait=settings.ack_wait_s,
             max_deliver=settings.max_deliver,

@@ -53,7 +53,11 @@ class Settings(BaseSettings):
 
     failure_threshold: float = 0.7
     max_deliver: int = 5
-    ack_wait_s: float = 300.0
+    ack_wait_s: float = Field(
+        default=30.0,
+        description="Redelivery delay for a message whose handler went silent; handlers that "
+        "work longer send in_progress() heartbeats every ack_wait_s / 3.",
+    )
     workers: int = Field(default=8, description="Messages a service handles concurrently.")
     judge_attempts: int = 3
     min_failures_to_propose: int = 20

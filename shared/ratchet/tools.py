@@ -21,6 +21,7 @@ _OPERATORS: dict[type[ast.AST], Callable[..., Any]] = {
     ast.UAdd: operator.pos,
 }
 _MAX_EXPONENT = 64
+_MAX_BITS = 4096  # bounds the size of any intermediate integer, so no expression can stall a run
 
 
 def evaluate_arithmetic(expression: str) -> float | int:
@@ -35,9 +36,19 @@ def evaluate_arithmetic(expression: str) -> float | int:
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
             left, right = walk(node.left), walk(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
-                raise ValueError("exponent too large")
-            return _OPERATORS[type(node.op)](left, right)  # type: ignore[no-any-return]
+            if isinstance(node.op, ast.Pow):
+                if abs(right) > _MAX_EXPONENT:
+                    raise ValueError("exponent too large")
+                if (
+                    isinstance(left, int)
+                    and right > 0
+                    and abs(left).bit_length() * right > _MAX_BITS
+                ):
+                    raise ValueError("result too large")
+            result = _OPERATORS[type(node.op)](left, right)
+            if isinstance(result, int) and result.bit_length() > _MAX_BITS:
+                raise ValueError("result too large")
+            return result  # type: ignore[no-any-return]
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
             return _OPERATORS[type(node.op)](walk(node.operand))  # type: ignore[no-any-return]
         raise ValueError(f"unsupported syntax: {ast.dump(node)[:60]}")
@@ -54,9 +65,9 @@ def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression such as '12 * (3 + 4)' and return the result."""
     try:
         value = evaluate_arithmetic(expression)
+        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
     except (ValueError, ZeroDivisionError, OverflowError) as exc:
         return f"error: {exc}"
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 @tool

@@ -63,7 +63,7 @@ class Stack:
         return subprocess.Popen(
             [sys.executable, "-m", "faststream", "run", app],
             env=env,
-            stdout=open(home / "logs" / f"{label}.log", "ab"),  # noqa: SIM115
+            stdout=open(home / "logs" / f"{label}.log", "ab"),
             stderr=subprocess.STDOUT,
         )
 

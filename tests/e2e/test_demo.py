@@ -1,4 +1,5 @@
-"""`ratchet demo` end to end: scripted prompt-sensitive model in full, the real local model small."""
+"""`ratchet demo` end to end: the scripted prompt-sensitive model on the full suite, the real
+local model on a small one."""
 
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ evaluator and, when it failed, stored and logged by the failure store."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pydantic import TypeAdapter

@@ -156,11 +156,12 @@ async def test_a_fix_is_measured_approved_applied_used_and_kept(
 
 @pytest.mark.parametrize("stack", ["proposer-harm"], indirect=True)
 async def test_policy_approver_rejects_a_harmful_change(stack: Stack, client: Client) -> None:
+    log = open(stack.settings.home / "logs" / "policy-approver.log", "wb")  # noqa: SIM115
     approver = subprocess.Popen(
         [sys.executable, "-m", "ratchet.cli", "approver", "--rule", "no-regression"],
         env=to_env(stack.settings),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         await gather_failures(client)
@@ -168,6 +169,7 @@ async def test_policy_approver_rejects_a_harmful_change(stack: Stack, client: Cl
     finally:
         approver.terminate()
         approver.wait(timeout=10)
+        log.close()
     assert rejected["status"] == "rejected"
     shown = json.loads(cli(stack, "show", rejected["change_id"], "--json").stdout)
     decision = next(r for r in shown if r["kind"] == "rejected")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
+
 from ratchet.contracts import RunScored
 from ratchet.messaging import PROMPTS_BUCKET, connect
 from ratchet.natsproc import LocalNats
@@ -23,10 +25,8 @@ async def _publish_as(server: LocalNats, role: str, subject: str) -> list[str]:
         server.url, user=role, password=server.passwords[role], error_cb=on_error
     )
     try:
-        try:
+        with contextlib.suppress(NatsTimeoutError):  # a refused publish is never acknowledged
             await nc.jetstream().publish(subject, b"{}", timeout=1.0)
-        except NatsTimeoutError:
-            pass  # a refused publish is never acknowledged
         await asyncio.sleep(0.2)
     finally:
         await nc.close()
@@ -61,5 +61,5 @@ async def test_only_approvers_may_decide(nats_server: LocalNats, role: str) -> N
 
 async def test_wrong_password_is_refused(nats_server: LocalNats) -> None:
     settings = nats_server.settings_for("executor").model_copy(update={"nats_password": "wrong"})
-    with pytest.raises(Exception, match="[Aa]uthorization"):
+    with pytest.raises(Exception, match=r"[Aa]uthorization"):
         await connect(settings, name="intruder", reconnect=False)

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+
 from ratchet.audit import GENESIS_HASH, record_hash, verify_chain
 from ratchet.store import AuditRecord
 

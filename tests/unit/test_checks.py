@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
+
 from ratchet.contracts import Check
 from ratchet.scripted import scripted_model
 from ratchet.suites import load_suite

@@ -3,12 +3,12 @@ crashing model. Models are deterministic scripted fakes; the prompt store is a f
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
+
 from ratchet.contracts import RunCompleted, RunRequested
 from ratchet.prompts import DEFAULT_PROMPT, PromptRecord, PromptVersion, sha256_text
 from ratchet.rules import Rules, compose_system_prompt, load_rules
@@ -212,9 +212,7 @@ async def test_usage_sums_tokens_over_every_model_call(rules: Rules) -> None:
 
     # The scripted model counts words: call 1 sees system + question and says nothing (a tool
     # call); call 2 also sees the empty tool-call message and the tool's "84", and says "84".
-    prompt_words = len(compose_system_prompt(rules, DEFAULT_PROMPT).split()) + len(
-        question.split()
-    )
+    prompt_words = len(compose_system_prompt(rules, DEFAULT_PROMPT).split()) + len(question.split())
     assert run.usage.input_tokens == prompt_words + (prompt_words + 1)
     assert run.usage.output_tokens == 1
 
@@ -237,40 +235,21 @@ async def test_max_steps_bounds_a_model_that_always_asks_for_tools(rules: Rules)
     assert run.error is None
 
 
-async def test_build_default_agent_runs_tools_by_name() -> None:
+async def test_default_agent_runs_each_tool_by_name(rules: Rules) -> None:
     def ask_word_count(messages: list[BaseMessage]) -> AIMessage:
         if isinstance(messages[-1], ToolMessage):
             return AIMessage(content=f"words: {messages[-1].content}")
         call = {"name": "word_count", "args": {"text": "one two three"}, "id": "call-1"}
         return AIMessage(content="", tool_calls=[call])
 
-    agent = build_default_agent(
-        ScriptedChatModel(script="word-counter", respond=ask_word_count), get_tools(), 6
-    )
-    result = await agent.ainvoke({"messages": [SystemMessage(content="count")]})
+    model = ScriptedChatModel(script="word-counter", respond=ask_word_count)
+    run = await executor_for(model, rules, FakePromptSource()).execute(request())
 
-    assert result["messages"][-1].content == "words: 3"
+    assert (run.trace[1].name, run.trace[1].output) == ("word_count", "3")
+    assert run.output == "words: 3"
 
 
 # --- user agent factories -----------------------------------------------------------------------
-
-
-class FakeUserAgent:
-    """What a user's factory might return: anything with LangGraph's ``astream``."""
-
-    def __init__(self, max_steps: int) -> None:
-        self.max_steps = max_steps
-
-    async def astream(self, input: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        yield {"mine": {"messages": [AIMessage(content=f"user agent, {self.max_steps} steps")]}}
-
-
-USER_FACTORY_MODULE = '''
-from test_executor_agent_user_factory_support import FakeUserAgentFromModule
-
-def make_agent(model, tools, max_steps):
-    return FakeUserAgentFromModule(max_steps)
-'''
 
 
 async def test_load_agent_factory_loads_a_user_factory(

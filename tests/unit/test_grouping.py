@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from ratchet.grouping import NO_PROBLEMS, group_failures
 from sklearn.metrics import adjusted_rand_score
+
+from ratchet.grouping import NO_PROBLEMS, group_failures
 
 # Problem texts as an evaluator writes them, by the cause a person would name. Wording, numbers,
 # quoted values and ids vary within each cause; several failures carry more than one problem.

@@ -6,6 +6,7 @@ import re
 
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+
 from ratchet.scripted import ScriptedChatModel, scripted_model
 from ratchet_evaluator.judge import NO_PROBLEM_GIVEN, Judge, JudgeError, Verdict
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from ratchet.contracts import Check, RunCompleted, RunContext, RunScored
 from ratchet.scripted import scripted_model
 from ratchet_evaluator.judge import Judge

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+
 from ratchet.audit import GENESIS_HASH, record_hash, verify_chain
 from ratchet.contracts import RunCompleted, RunScored, TraceStep
 from ratchet.store import FailureQuery, FailureRecord, MongoStore, Store, open_store

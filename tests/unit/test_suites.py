@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from ratchet.contracts import Check
 from ratchet.suites import Case, Suite, import_bigbench, load_suite, load_suites, save_suite
 

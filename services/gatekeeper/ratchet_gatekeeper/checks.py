@@ -18,7 +18,8 @@ _CONTRADICTIONS = [
     r"\bignore\b.{0,30}\b(rules?|instructions?|guidelines?)\b",
     r"\bdisregard\b.{0,30}\b(rules?|instructions?|guidelines?)\b",
     r"\b(rules?|guidelines?)\b.{0,20}\b(do not|don't|no longer)\s+apply\b",
-    r"\b(may|can|should|feel free to)\b.{0,20}\b(make (things|facts|answers|it) up|invent|fabricate|guess)\b",
+    r"\b(may|can|should|feel free to)\b.{0,20}"
+    r"\b(make (things|facts|answers|it) up|invent|fabricate|guess)\b",
     r"\bnever\s+(say|admit)\b.{0,30}\b(don't|do not)\s+know\b",
     r"\b(pretend|claim)\b.{0,30}\b(ran|used|called)\b.{0,20}\btool",
     r"\bRULES \(never break\)",
@@ -68,6 +69,8 @@ def measure(
     current: dict[str, float | None], candidate: dict[str, float | None], threshold: float
 ) -> Measurement:
     """Paired comparison on the same cases, with a t interval for the mean difference."""
+    if set(current) != set(candidate):
+        raise ValueError("both arms must be measured on the same gate cases")
     cases = sorted(current)
 
     def passed(scores: dict[str, float | None], case: str) -> int:
@@ -89,7 +92,7 @@ def measure(
         candidate=ArmResult(success_rate=success_rate(candidate, threshold), scores=candidate),
         per_case_diff=diffs,
         diff=mean,
-        ci95=(round(mean - half, 4), round(mean + half, 4)),
+        ci95=(round(max(-1.0, mean - half), 4), round(min(1.0, mean + half), 4)),
     )
 
 

@@ -75,12 +75,10 @@ def parse_proposal(reply: str) -> tuple[str, str]:
             data = json.loads(text[start : end + 1])
         except json.JSONDecodeError:
             data = None
-        if (
-            isinstance(data, dict)
-            and isinstance(data.get("prompt"), str)
-            and data["prompt"].strip()
-        ):
-            return data["prompt"].strip(), str(data.get("rationale") or "").strip()
+        if isinstance(data, dict):
+            if isinstance(data.get("prompt"), str) and data["prompt"].strip():
+                return data["prompt"].strip(), str(data.get("rationale") or "").strip()
+            raise ProposalError(f"the proposer model's JSON has no prompt: {text[:200]!r}")
     if not text or len(text) > 4000:
         raise ProposalError(f"the proposer model gave no usable prompt: {text[:200]!r}")
     return text, "(the model gave no rationale; its whole reply is the proposed prompt)"

@@ -1,0 +1,86 @@
+"""The change list `ratchet changes` shows: one line per change, summarised from the audit trail."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from ratchet.queries import summarize
+from ratchet.store import AuditRecord, open_store
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def trail(*entries: tuple[str, str, dict[str, Any]]) -> list[AuditRecord]:
+    """Audit records in seq order, one minute apart: (change id, kind, payload)."""
+    seqs: Iterator[int] = iter(range(1, len(entries) + 1))
+    return [
+        AuditRecord(
+            seq=(seq := next(seqs)),
+            change_id=change_id,
+            kind=kind,
+            actor="test",
+            payload=payload,
+            at=T0 + timedelta(minutes=seq),
+            prev_hash="0" * 64,
+            hash=f"{seq:064d}",
+        )
+        for change_id, kind, payload in entries
+    ]
+
+
+def test_status_is_the_latest_kind_per_change_newest_first() -> None:
+    records = trail(
+        ("a", "proposed", {"task": "answer-only", "failures": 20}),
+        ("b", "proposed", {"task": "extract", "failures": 21}),
+        ("a", "measured", {"diff": 0.2}),
+        ("b", "invalid", {"problems": ["empty"]}),
+        ("a", "approved", {"approver": "policy"}),
+        ("a", "applied", {"version": 3}),
+    )
+
+    summaries = summarize(records)
+
+    assert [(s.change_id, s.task, s.status) for s in summaries] == [
+        ("a", "answer-only", "applied"),
+        ("b", "extract", "invalid"),
+    ]
+    assert summaries[0].updated_at == T0 + timedelta(minutes=6)
+    assert summaries[1].updated_at == T0 + timedelta(minutes=4)
+
+
+def test_task_comes_from_whichever_record_names_it() -> None:
+    records = trail(
+        ("a", "measured", {"diff": 0.0}),
+        ("a", "rejected", {"task": "answer-only", "reason": "no case improved"}),
+    )
+
+    [summary] = summarize(records)
+
+    assert (summary.task, summary.status) == ("answer-only", "rejected")
+
+
+def test_change_without_a_task_shows_a_placeholder() -> None:
+    [summary] = summarize(trail(("a", "measured", {"diff": 0.0})))
+
+    assert summary.task == "?"
+
+
+def test_no_records_no_changes() -> None:
+    assert summarize([]) == []
+
+
+async def test_summarize_reads_a_real_audit_trail(tmp_path: Path) -> None:
+    async with open_store(f"sqlite:///{tmp_path}/t.db") as store:
+        await store.append_audit("old", "proposed", "proposer", {"task": "t1", "failures": 20})
+        await store.append_audit("new", "proposed", "proposer", {"task": "t2", "failures": 20})
+        await store.append_audit("old", "rolled_back", "gatekeeper", {"before": 0.8})
+        await store.append_audit("new", "kept", "gatekeeper", {"after": 0.9})
+        records = await store.audit()
+
+    assert [(s.change_id, s.task, s.status) for s in summarize(records)] == [
+        ("new", "t2", "kept"),
+        ("old", "t1", "rolled_back"),
+    ]
