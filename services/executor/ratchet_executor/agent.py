@@ -49,7 +49,7 @@ def build_default_agent(model: BaseChatModel, tools: Sequence[BaseTool], max_ste
             reply = AIMessage(content=str(reply.content), usage_metadata=reply.usage_metadata)
         return {"messages": [reply]}
 
-    def next_step(state: AgentState) -> str:
+    async def next_step(state: AgentState) -> str:
         last = state["messages"][-1]
         return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
 
