@@ -12,78 +12,36 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import nats
-from nats.aio.client import Client
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 from rich.console import Console
 from rich.table import Table
 
 from ratchet.audit import verify_chain
+from ratchet.client import (
+    ClientError,
+    client_settings,
+    fetch_trail,
+    open_client,
+    query,
+    send_decision,
+    submit_and_wait,
+)
 from ratchet.contracts import (
-    ChangeApproved,
     ChangeProposed,
-    ChangeRejected,
     Check,
     FailureGroup,
-    FailureLogged,
     Measurement,
-    RunCompleted,
     RunRequested,
-    RunScored,
 )
-from ratchet.messaging import QUERY_PREFIX, connect
-from ratchet.natsproc import load_credentials
+from ratchet.messaging import QUERY_PREFIX
 from ratchet.prompts import read_history
-from ratchet.queries import ChangeQuery, ChangesQuery, ChangeSummary, ProposeReply, ProposeRequest
-from ratchet.settings import Settings, get_settings
+from ratchet.queries import ChangesQuery, ChangeSummary, ProposeReply, ProposeRequest
+from ratchet.settings import get_settings
 from ratchet.store import AuditRecord, FailureQuery, FailureRecord, open_store
 
 console = Console()
-T = TypeVar("T")
-
-
-class CliError(Exception):
-    """A problem to report to the user in one line (exit status 1)."""
-
-
-# --- plumbing -----------------------------------------------------------------------------------
-
-
-def client_settings(role: str = "client") -> Settings:
-    """The CLI's NATS identity: from the environment, else from ``ratchet up``'s credentials."""
-    settings = get_settings()
-    if settings.nats_user:
-        return settings
-    try:
-        passwords = load_credentials(settings.home)
-    except FileNotFoundError as exc:
-        raise CliError(str(exc)) from exc
-    return settings.model_copy(update={"nats_user": role, "nats_password": passwords[role]})
-
-
-async def open_client(settings: Settings) -> Client:
-    try:
-        return await connect(settings, name="ratchet-cli", reconnect=False)
-    except (TimeoutError, OSError, nats.errors.Error) as exc:
-        raise CliError(
-            f"cannot reach NATS at {settings.nats_url} ({type(exc).__name__}): is `ratchet "
-            "up` running?"
-        ) from exc
-
-
-async def request(
-    nc: Client, subject: str, body: BaseModel, answer: TypeAdapter[T], *, service: str
-) -> T:
-    try:
-        reply = await nc.request(subject, body.model_dump_json().encode(), timeout=10)
-    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-        raise CliError(f"the {service} did not answer on {subject}: is it running?") from exc
-    try:
-        return answer.validate_json(reply.data)
-    except ValidationError as exc:
-        raise CliError(f"the {service} sent an unexpected reply: {reply.data[:200]!r}") from exc
 
 
 # --- ratchet up ---------------------------------------------------------------------------------
@@ -118,58 +76,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 # --- ratchet run --------------------------------------------------------------------------------
 
 
-EXPECTED: dict[str, type[RunCompleted | RunScored | FailureLogged]] = {
-    RunCompleted.subject: RunCompleted,
-    RunScored.subject: RunScored,
-    FailureLogged.subject: FailureLogged,
-}
-
-
-async def submit_and_wait(
-    nc: Client, request_: RunRequested, *, timeout: float, threshold: float
-) -> tuple[RunCompleted, RunScored, bool]:
-    """Publish one run and wait for its completion, its score and, if it failed, its logging."""
-    got: dict[str, Any] = {}
-    done = asyncio.Event()
-
-    def expecting_failure() -> bool:
-        scored = got.get(RunScored.subject)
-        return bool(scored and scored.score is not None and scored.score < threshold)
-
-    async def on_message(msg: Any) -> None:
-        event = EXPECTED[msg.subject].model_validate_json(msg.data)
-        if event.run_id != request_.run_id:
-            return
-        got[msg.subject] = event
-        complete = RunCompleted.subject in got and RunScored.subject in got
-        if complete and (not expecting_failure() or FailureLogged.subject in got):
-            done.set()
-
-    subs = [await nc.subscribe(s, cb=on_message) for s in EXPECTED]
-    try:
-        ack = nc.jetstream().publish(
-            request_.subject,
-            request_.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": f"{request_.subject}:{request_.id}"},
-            timeout=5,
-        )
-        try:
-            await ack
-        except nats.errors.TimeoutError as exc:
-            raise CliError("NATS did not accept the run (no stream? permissions?)") from exc
-        try:
-            await asyncio.wait_for(done.wait(), timeout)
-        except TimeoutError as exc:
-            seen = ", ".join(sorted(got)) or "nothing"
-            raise CliError(
-                f"run {request_.run_id} not finished after {timeout:.0f}s (saw {seen})"
-            ) from exc
-    finally:
-        for sub in subs:
-            await sub.unsubscribe()
-    return got[RunCompleted.subject], got[RunScored.subject], FailureLogged.subject in got
-
-
 async def cmd_run(args: argparse.Namespace) -> int:
     settings = client_settings()
     check = None
@@ -181,7 +87,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
             try:
                 expected = float(args.expect)
             except ValueError as exc:
-                raise CliError(
+                raise ClientError(
                     f"--expect must be a number with --check number, got {args.expect!r}"
                 ) from exc
         check = Check(kind=args.check, expected=expected)
@@ -237,28 +143,23 @@ def _parse_time(value: str | None) -> datetime | None:
     try:
         return datetime.fromisoformat(value)
     except ValueError as exc:
-        raise CliError(f"not an ISO date/time: {value!r}") from exc
+        raise ClientError(f"not an ISO date/time: {value!r}") from exc
 
 
 async def cmd_failures(args: argparse.Namespace) -> int:
-    query = FailureQuery(
+    wanted = FailureQuery(
         task=args.task,
         problem=args.problem,
         since=_parse_time(args.since),
         until=_parse_time(args.until),
         limit=args.limit,
     )
-    nc = await open_client(client_settings())
-    try:
-        failures = await request(
-            nc,
-            f"{QUERY_PREFIX}.failures",
-            query,
-            TypeAdapter(list[FailureRecord]),
-            service="failure store",
-        )
-    finally:
-        await nc.close()
+    failures = await query(
+        f"{QUERY_PREFIX}.failures",
+        wanted,
+        TypeAdapter(list[FailureRecord]),
+        service="failure store",
+    )
     if args.json:
         print(json.dumps([f.model_dump(mode="json") for f in failures], indent=2))
         return 0
@@ -286,17 +187,12 @@ async def cmd_failures(args: argparse.Namespace) -> int:
 
 
 async def cmd_groups(args: argparse.Namespace) -> int:
-    nc = await open_client(client_settings())
-    try:
-        groups = await request(
-            nc,
-            f"{QUERY_PREFIX}.groups",
-            FailureQuery(task=args.task, limit=args.limit),
-            TypeAdapter(list[FailureGroup]),
-            service="failure store",
-        )
-    finally:
-        await nc.close()
+    groups = await query(
+        f"{QUERY_PREFIX}.groups",
+        FailureQuery(task=args.task, limit=args.limit),
+        TypeAdapter(list[FailureGroup]),
+        service="failure store",
+    )
     if args.json:
         print(json.dumps([g.model_dump(mode="json") for g in groups], indent=2))
         return 0
@@ -310,19 +206,14 @@ async def cmd_groups(args: argparse.Namespace) -> int:
 
 
 async def cmd_propose(args: argparse.Namespace) -> int:
-    nc = await open_client(client_settings())
-    try:
-        reply = await request(
-            nc,
-            f"{QUERY_PREFIX}.propose",
-            ProposeRequest(task=args.task),
-            TypeAdapter(ProposeReply),
-            service="proposer",
-        )
-    finally:
-        await nc.close()
+    reply = await query(
+        f"{QUERY_PREFIX}.propose",
+        ProposeRequest(task=args.task),
+        TypeAdapter(ProposeReply),
+        service="proposer",
+    )
     if reply.change is None:
-        raise CliError(reply.error or "the proposer made no proposal")
+        raise ClientError(reply.error or "the proposer made no proposal")
     change = reply.change
     console.print(
         f"proposed change [bold]{change.change_id}[/] for {change.task} (from "
@@ -335,17 +226,12 @@ async def cmd_propose(args: argparse.Namespace) -> int:
 
 
 async def cmd_changes(args: argparse.Namespace) -> int:
-    nc = await open_client(client_settings())
-    try:
-        changes = await request(
-            nc,
-            f"{QUERY_PREFIX}.changes",
-            ChangesQuery(task=args.task),
-            TypeAdapter(list[ChangeSummary]),
-            service="gatekeeper",
-        )
-    finally:
-        await nc.close()
+    changes = await query(
+        f"{QUERY_PREFIX}.changes",
+        ChangesQuery(task=args.task),
+        TypeAdapter(list[ChangeSummary]),
+        service="gatekeeper",
+    )
     if args.json:
         print(json.dumps([c.model_dump(mode="json") for c in changes], indent=2))
         return 0
@@ -357,19 +243,6 @@ async def cmd_changes(args: argparse.Namespace) -> int:
         table.add_row(c.change_id, c.task, c.status, f"{c.updated_at:%Y-%m-%d %H:%M:%S}")
     console.print(table)
     return 0
-
-
-async def fetch_trail(nc: Client, change_id: str) -> list[AuditRecord]:
-    trail = await request(
-        nc,
-        f"{QUERY_PREFIX}.change",
-        ChangeQuery(change_id=change_id),
-        TypeAdapter(list[AuditRecord]),
-        service="gatekeeper",
-    )
-    if not trail:
-        raise CliError(f"no change {change_id!r}")
-    return trail
 
 
 def print_evidence(trail: list[AuditRecord]) -> None:
@@ -418,25 +291,6 @@ async def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-async def send_decision(change_id: str, *, approve: bool, reason: str, approver: str) -> None:
-    settings = client_settings(role="approver")
-    decision_type = ChangeApproved if approve else ChangeRejected
-    decision = decision_type(change_id=change_id, approver=approver, reason=reason)
-    nc = await open_client(settings)
-    try:
-        await fetch_trail(nc, change_id)  # a typo in the id is caught before anything is sent
-        await nc.jetstream().publish(
-            decision.subject,
-            decision.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": f"{decision.subject}:{decision.id}"},
-            timeout=5,
-        )
-    except nats.errors.TimeoutError as exc:
-        raise CliError(f"NATS refused the decision ({settings.nats_user} may not decide?)") from exc
-    finally:
-        await nc.close()
-
-
 async def cmd_decide(args: argparse.Namespace) -> int:
     approve = args.command == "approve"
     await send_decision(
@@ -454,7 +308,7 @@ def cmd_approver(args: argparse.Namespace) -> int:
     try:
         app = build_approver_app(client_settings(role="approver"), args.rule)
     except ValueError as exc:
-        raise CliError(str(exc)) from exc
+        raise ClientError(str(exc)) from exc
     console.print(f"policy approver running with rule {args.rule!r}; Ctrl-C stops")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(app.run())
@@ -467,11 +321,11 @@ async def cmd_prompts(args: argparse.Namespace) -> int:
     try:
         history = await read_history(nc.jetstream(), args.task)
         if not history:
-            raise CliError(f"no prompt stored for task {args.task!r}")
+            raise ClientError(f"no prompt stored for task {args.task!r}")
         if args.rollback_to is not None:
             target = next((v for v in history if v.version == args.rollback_to), None)
             if target is None:
-                raise CliError(f"task {args.task!r} has no version {args.rollback_to}")
+                raise ClientError(f"task {args.task!r} has no version {args.rollback_to}")
             change = ChangeProposed(
                 task=args.task,
                 base_version=history[-1].version,
@@ -535,7 +389,7 @@ def cmd_suite_import(args: argparse.Namespace) -> int:
             Path(args.path), name=args.name, gate_size=args.gate_size, learn_size=args.learn_size
         )
     except (ValueError, OSError) as exc:
-        raise CliError(str(exc)) from exc
+        raise ClientError(str(exc)) from exc
     target = settings.suites_dir / f"{suite.name}.json"
     save_suite(suite, target)
     console.print(
@@ -586,7 +440,7 @@ async def cmd_init_streams(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import shutil
 
-    from ratchet.demo import DemoError, print_summary, run_demo, write_report
+    from ratchet.demo import print_summary, run_demo, write_report
     from ratchet.models import model_label
     from ratchet.suites import load_suite
     from ratchet.up import start_stack
@@ -596,9 +450,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         suite = load_suite(suite_path)
     except (OSError, ValueError) as exc:
-        raise CliError(f"cannot load suite {args.suite!r} from {suite_path}: {exc}") from exc
+        raise ClientError(f"cannot load suite {args.suite!r} from {suite_path}: {exc}") from exc
     if not args.yes and not sys.stdin.isatty():
-        raise CliError(
+        raise ClientError(
             "no terminal to ask for approval: pass --yes to let the policy approver decide"
         )
 
@@ -626,8 +480,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 auto_approve_rule=args.rule if args.yes else None,
                 console=console,
             )
-        except DemoError as exc:
-            raise CliError(str(exc)) from exc
         finally:
             await nc.close()
         print_summary(report, console)
@@ -649,7 +501,7 @@ def _stack_running() -> bool:
     async def probe() -> bool:
         try:
             nc = await open_client(client_settings())
-        except CliError:
+        except ClientError:
             return False
         await nc.close()
         return True
@@ -766,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], Any] = args.handler
     try:
         return int(asyncio.run(handler(args)) if args.is_async else handler(args))
-    except CliError as exc:
+    except ClientError as exc:
         print(f"ratchet: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

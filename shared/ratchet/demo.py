@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ratchet.approver import policy_decision
+from ratchet.client import ClientError, fetch_trail, request, send_decision, submit_and_wait
 from ratchet.contracts import (
     ChangeProposed,
     FailureGroup,
@@ -30,16 +31,12 @@ from ratchet.contracts import (
     TokenUsage,
 )
 from ratchet.messaging import QUERY_PREFIX
-from ratchet.queries import ChangeQuery, ProposeReply, ProposeRequest
+from ratchet.queries import ProposeReply, ProposeRequest
 from ratchet.store import AuditRecord, FailureQuery
 from ratchet.suites import Case, Suite
 
 OUTCOMES = {"kept", "rolled_back", "rejected", "invalid", "stale"}
 CONCURRENCY = 8
-
-
-class DemoError(RuntimeError):
-    """The demo could not finish; the message says where it stopped."""
 
 
 class DemoReport(BaseModel):
@@ -76,23 +73,9 @@ class UsageMeter:
         self.tokens = self.tokens + run.usage
 
 
-async def _request(
-    nc: Client, subject: str, body: BaseModel, answer: TypeAdapter[Any], timeout: float
-) -> Any:
-    try:
-        reply = await nc.request(subject, body.model_dump_json().encode(), timeout=timeout)
-    except Exception as exc:
-        raise DemoError(
-            f"no answer on {subject} ({type(exc).__name__}): is every service up?"
-        ) from exc
-    return answer.validate_json(reply.data)
-
-
 async def run_learn_cases(
     nc: Client, suite: Suite, console: Console, threshold: float
 ) -> list[tuple[Case, RunCompleted, float | None]]:
-    from ratchet.cli import submit_and_wait
-
     limit = asyncio.Semaphore(CONCURRENCY)
     results: list[tuple[Case, RunCompleted, float | None]] = []
     with Progress(
@@ -120,18 +103,12 @@ async def wait_for_trail(
 ) -> list[AuditRecord]:
     deadline = time.monotonic() + timeout
     while True:
-        trail: list[AuditRecord] = await _request(
-            nc,
-            f"{QUERY_PREFIX}.change",
-            ChangeQuery(change_id=change_id),
-            TypeAdapter(list[AuditRecord]),
-            timeout=10,
-        )
+        trail = await fetch_trail(nc, change_id)
         if any(r.kind in kinds for r in trail):
             return trail
         if time.monotonic() > deadline:
             seen = [r.kind for r in trail]
-            raise DemoError(
+            raise ClientError(
                 f"change {change_id} did not reach {sorted(kinds)} in {timeout:.0f}s (saw {seen})"
             )
         await asyncio.sleep(0.5)
@@ -156,7 +133,7 @@ async def run_demo(
     console: Console,
     gate_timeout: float = 1800,
 ) -> DemoReport:
-    from ratchet.cli import print_evidence, send_decision
+    from ratchet.cli import print_evidence
 
     started = time.monotonic()
     meter = UsageMeter()
@@ -169,12 +146,12 @@ async def run_demo(
 
         console.rule("2. failures, grouped by problem")
         failures = len(results) - passed
-        groups: list[FailureGroup] = await _request(
+        groups = await request(
             nc,
             f"{QUERY_PREFIX}.groups",
             FailureQuery(task=suite.name, limit=500),
             TypeAdapter(list[FailureGroup]),
-            timeout=30,
+            service="failure store",
         )
         table = Table("failures", "problem")
         for group in groups:
@@ -201,11 +178,12 @@ async def run_demo(
             return report("nothing_to_improve")
 
         console.rule("3. the proposer writes a new task prompt")
-        reply: ProposeReply = await _request(
+        reply = await request(
             nc,
             f"{QUERY_PREFIX}.propose",
             ProposeRequest(task=suite.name),
             TypeAdapter(ProposeReply),
+            service="proposer",
             timeout=600,
         )
         if reply.change is None:

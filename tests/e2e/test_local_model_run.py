@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from pydantic import TypeAdapter
 
-from ratchet.cli import submit_and_wait
+from ratchet.client import submit_and_wait
 from ratchet.contracts import Check, RunRequested
 from ratchet.messaging import QUERY_PREFIX, connect
 from ratchet.models import LOCAL_MODEL_NAME

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from ratchet.cli import submit_and_wait
+from ratchet.client import submit_and_wait
 from ratchet.contracts import Check, RunRequested
 from ratchet.messaging import connect
 from ratchet.natsproc import free_port

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import TypeAdapter
 
-from ratchet.cli import submit_and_wait
+from ratchet.client import submit_and_wait
 from ratchet.contracts import Check, RunRequested
 from ratchet.messaging import QUERY_PREFIX, connect
 from ratchet.natsproc import free_port
