@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol, TypedDict
 
 from langgraph.graph import END, START, StateGraph
@@ -67,7 +68,7 @@ class Gate:
         *,
         store: Store,
         prompts: PromptStoreAccess,
-        publish: Any,
+        publish: Callable[[Event], Awaitable[None]],
         rules: Rules,
         suites: dict[str, Suite],
         threshold: float,
