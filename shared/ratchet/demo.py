@@ -8,6 +8,7 @@ the gatekeeper through apply, verify and keep-or-roll-back, and report what happ
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import time
 from contextlib import suppress
@@ -116,7 +117,7 @@ async def wait_for_trail(
 
 def ask_person(console: Console) -> tuple[bool, str]:
     while True:
-        answer = console.input("[bold]Approve this change? [y/n] [/]").strip().lower()
+        answer = console.input("[bold]Approve this change? \\[y/n] [/]").strip().lower()
         if answer in ("y", "yes", "n", "no"):
             break
     reason = console.input("Reason (for the audit log): ").strip() or "no reason given"
@@ -219,7 +220,7 @@ async def run_demo(
             )
         else:
             approve, reason = ask_person(console)
-            approver = "demo:terminal"
+            approver = f"cli:{getpass.getuser()}"
         await send_decision(change.change_id, approve=approve, reason=reason, approver=approver)
 
         console.rule("6. apply, verify, keep or roll back")
