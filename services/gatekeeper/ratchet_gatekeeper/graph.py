@@ -138,6 +138,27 @@ class Gate:
             )
         return {case_id: scores.get(case_id) for case_id in run_ids}
 
+    async def roll_back(
+        self, change: ChangeProposed, base_prompt: str, applied: int, before: float, after: float
+    ) -> int:
+        """Write the pre-change prompt back as a new version (once), returning that version."""
+        current = await self.prompts.current(change.task)
+        if current is not None and (current.record.kind, current.record.change_id) == (
+            "rollback",
+            change.change_id,
+        ):
+            return current.version  # done before a restart
+        return await self.prompts.write(
+            change.task,
+            PromptRecord(
+                text=base_prompt,
+                kind="rollback",
+                change_id=change.change_id,
+                note=f"rolled back: success {before:.0%} -> {after:.0%}",
+            ),
+            base_version=applied,
+        )
+
     # --- nodes ----------------------------------------------------------------------------------
 
     async def validate_node(self, state: ChangeState) -> ChangeState:
@@ -231,45 +252,19 @@ class Gate:
         await self.audit(
             change.change_id, "verified", {"scores": scores, "before": before, "after": after}
         )
-        outcome: Event
-        if after < before - ROLLBACK_MARGIN:
-            current = await self.prompts.current(change.task)
-            if (
-                current is not None
-                and current.record.kind == "rollback"
-                and current.record.change_id == change.change_id
-            ):
-                restored = current.version
-            else:
-                restored = await self.prompts.write(
-                    change.task,
-                    PromptRecord(
-                        text=state["base_prompt"],
-                        kind="rollback",
-                        change_id=change.change_id,
-                        note=f"rolled back: success {before:.0%} -> {after:.0%}",
-                    ),
-                    base_version=version,
-                )
-            outcome = ChangeRolledBack(
-                id=f"{change.change_id}.rolled_back",
-                change_id=change.change_id,
-                task=change.task,
-                before=before,
-                after=after,
-                version=restored,
-            )
-            status = "rolled_back"
-        else:
-            outcome = ChangeKept(
-                id=f"{change.change_id}.kept",
-                change_id=change.change_id,
-                task=change.task,
-                before=before,
-                after=after,
-                version=version,
-            )
-            status = "kept"
+        rolled_back = after < before - ROLLBACK_MARGIN
+        if rolled_back:
+            version = await self.roll_back(change, state["base_prompt"], version, before, after)
+        outcome_type = ChangeRolledBack if rolled_back else ChangeKept
+        status = "rolled_back" if rolled_back else "kept"
+        outcome = outcome_type(
+            id=f"{change.change_id}.{status}",
+            change_id=change.change_id,
+            task=change.task,
+            before=before,
+            after=after,
+            version=version,
+        )
         await self.publish(outcome)
         await self.audit(change.change_id, status, outcome.model_dump(mode="json"))
         return {"status": status, "verified_rate": after}
