@@ -17,3 +17,12 @@ def nats_server(tmp_path: Path) -> Iterator[LocalNats]:
     server = start_nats(tmp_path / "home", free_port(), log_path=tmp_path / "nats.log")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def kept_trail() -> list[str]:
+    """The audit trail of a change that went through every step and was kept."""
+    return [
+        "proposed", "received", "measured", "awaiting_approval", "approved", "applied",
+        "verified", "kept",
+    ]  # fmt: skip

@@ -21,7 +21,6 @@ from ratchet.contracts import Check
 SUITE_NAME_PATTERN = r"^[a-z0-9_-]+$"
 GATE_MIN, GATE_MAX = 1, 200
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
-_JSON_SHAPE_TYPES = {"str", "int", "float", "bool", "list", "dict"}
 
 
 class Case(BaseModel):

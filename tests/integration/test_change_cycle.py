@@ -107,7 +107,7 @@ def trail_kinds(stack: Stack, change_id: str) -> list[str]:
 
 @pytest.mark.parametrize("stack", ["proposer-fix"], indirect=True)
 async def test_a_fix_is_measured_approved_applied_used_and_kept(
-    stack: Stack, client: Client
+    stack: Stack, client: Client, kept_trail: list[str]
 ) -> None:
     await gather_failures(client)
     waiting = await wait_for_status(stack, {"awaiting_approval"})
@@ -123,16 +123,7 @@ async def test_a_fix_is_measured_approved_applied_used_and_kept(
     assert approved.returncode == 0, approved.stderr
     kept = await wait_for_status(stack, {"kept", "rolled_back"})
     assert kept["status"] == "kept"
-    assert trail_kinds(stack, waiting["change_id"]) == [
-        "proposed",
-        "received",
-        "measured",
-        "awaiting_approval",
-        "approved",
-        "applied",
-        "verified",
-        "kept",
-    ]
+    assert trail_kinds(stack, waiting["change_id"]) == kept_trail
 
     # the executor picked up the new version without a restart
     case = EXACT_LEARN[0]
