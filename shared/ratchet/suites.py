@@ -1,13 +1,16 @@
 """Task suites as data: a task's initial prompt plus the cases that measure it.
 
-A suite is one task. Its ``learn`` cases are run as traffic whose failures the proposer may read;
-its ``gate`` cases are the fixed set every proposed change is measured on before and after, and the
-proposer never sees them. Keeping suites in JSON files lets a team add tasks, or import real ones
-from BIG-bench, without touching code.
+A suite is one task with three disjoint splits. Its ``learn`` cases are run as traffic whose
+failures the proposer may read; its ``gate`` cases are the pool every proposed change is measured
+on before and after, and the proposer never sees them; its ``holdout`` cases are sealed: no gate
+decision uses them, and they are measured only after a change is kept, to report the real lift and
+to catch a gate pool that repeated proposals have overfit. Keeping suites in JSON files lets a team
+add tasks, or import real ones from BIG-bench, without touching code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -19,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ratchet.contracts import Check
 
 SUITE_NAME_PATTERN = r"^[a-z0-9_-]+$"
-GATE_MIN, GATE_MAX = 1, 200
+GATE_MIN, GATE_MAX = 1, 500
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
 
 
@@ -56,32 +59,61 @@ class Case(BaseModel):
 
 
 class Suite(BaseModel):
-    """A task: its name, its initial prompt, and disjoint learn and gate cases."""
+    """A task: its name, its initial prompt, and disjoint learn, gate and holdout cases."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=SUITE_NAME_PATTERN, description="The task name.")
     description: str
     prompt: str = Field(min_length=1, description="The task's initial prompt.")
-    learn: list[Case]
-    gate: list[Case]
+    learn: list[Case] = Field(
+        description="Run as ordinary traffic; their failures are what the proposer reads."
+    )
+    gate: list[Case] = Field(
+        description="The pool every proposed change is measured on, current against candidate. "
+        "The proposer never sees it."
+    )
+    holdout: list[Case] = Field(
+        default=[],
+        description="Sealed cases: no gate decision uses them and the proposer never sees them. "
+        "Measured only after a change is kept, to report the real lift and to catch a gate pool "
+        "that repeated proposals have overfit.",
+    )
     source: str | None = Field(default=None, description="Where the cases came from.")
 
     @model_validator(mode="after")
     def _valid_split(self) -> Suite:
-        """A gate that overlaps learn would let the proposer fit the measurement itself."""
+        """Splits that share a case would let the proposer fit the measurement itself."""
         if not GATE_MIN <= len(self.gate) <= GATE_MAX:
             raise ValueError(
                 f"gate must hold {GATE_MIN} to {GATE_MAX} cases, it holds {len(self.gate)}"
             )
-        ids = [case.id for case in self.learn + self.gate]
+        ids = [case.id for case in self.learn + self.gate + self.holdout]
         duplicate_ids = sorted({i for i in ids if ids.count(i) > 1})
         if duplicate_ids:
-            raise ValueError(f"case ids must be unique; repeated: {duplicate_ids}")
-        shared_inputs = {c.input for c in self.learn} & {c.input for c in self.gate}
-        if shared_inputs:
-            raise ValueError(f"learn and gate share inputs: {sorted(shared_inputs)[:3]}")
+            raise ValueError(
+                f"case ids must be unique across learn, gate and holdout; repeated: {duplicate_ids}"
+            )
+        splits = {"learn": self.learn, "gate": self.gate, "holdout": self.holdout}
+        inputs = {split: {case.input for case in cases} for split, cases in splits.items()}
+        for first, second in (("learn", "gate"), ("learn", "holdout"), ("gate", "holdout")):
+            shared_inputs = inputs[first] & inputs[second]
+            if shared_inputs:
+                raise ValueError(
+                    f"{first} and {second} share inputs ({len(shared_inputs)}), "
+                    f"e.g. {sorted(shared_inputs)[:3]}; every input must sit in one split only"
+                )
         return self
+
+    def gate_pool_sha256(self) -> str:
+        """SHA-256 (hex) of the gate cases, in file order, as canonical JSON.
+
+        The gatekeeper counts how many proposals were tested against each pool by this hash, so
+        editing or rotating the gate pool starts a new count. Learn and holdout do not enter it.
+        """
+        cases = [case.model_dump(mode="json") for case in self.gate]
+        canonical = json.dumps(cases, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -123,15 +155,17 @@ def import_bigbench(
     task_json_path: str | Path,
     *,
     name: str | None = None,
-    gate_size: int = 30,
+    gate_size: int = 200,
+    holdout_size: int = 100,
     learn_size: int = 60,
     seed: int = 0,
 ) -> Suite:
-    """Turn a BIG-bench ``task.json`` into a suite with a seeded, reproducible learn/gate split.
+    """Turn a BIG-bench ``task.json`` into a suite with a seeded, reproducible three-way split.
 
-    The gate takes the first ``gate_size`` examples of the shuffled list and learn the next
-    ``learn_size``, so a given seed always yields the same fixed gate. The default name is the
-    folder holding the file (BIG-bench keeps each task in ``<task>/task.json``).
+    The examples are shuffled with ``seed``; the gate takes the first ``gate_size``, the holdout
+    the next ``holdout_size`` and learn the next ``learn_size`` (fewer if the file runs out), so a
+    given seed always yields the same gate pool and another seed rotates it. The default name is
+    the folder holding the file (BIG-bench keeps each task in ``<task>/task.json``).
     """
     path = Path(task_json_path)
     try:
@@ -145,6 +179,8 @@ def import_bigbench(
         raise ValueError(f"{path}: 'examples' must be a non-empty list")
     if not GATE_MIN <= gate_size <= GATE_MAX:
         raise ValueError(f"gate_size must be {GATE_MIN} to {GATE_MAX}, got {gate_size}")
+    if holdout_size < 0:
+        raise ValueError(f"holdout_size must be 0 or more, got {holdout_size}")
     if learn_size < 0:
         raise ValueError(f"learn_size must be 0 or more, got {learn_size}")
 
@@ -156,12 +192,14 @@ def import_bigbench(
     cases: list[Case] = []
     for index, example in enumerate(examples):
         case = _case_from_example(example, f"{task_name}-{index:04d}", path, index)
-        if case.input not in seen:  # a repeated input would leak between learn and gate
+        if case.input not in seen:  # a repeated input would leak between splits
             seen.add(case.input)
             cases.append(case)
-    if len(cases) < gate_size:
+    if len(cases) < gate_size + holdout_size:
         raise ValueError(
-            f"{path}: {len(cases)} distinct examples, fewer than gate_size={gate_size}"
+            f"{path}: {len(cases)} distinct examples, fewer than gate_size + holdout_size = "
+            f"{gate_size} + {holdout_size} = {gate_size + holdout_size}; "
+            "lower the gate or holdout size"
         )
 
     random.Random(seed).shuffle(cases)
@@ -174,7 +212,8 @@ def import_bigbench(
         description=description or f"BIG-bench task {task_name}",
         prompt=prompt,
         gate=cases[:gate_size],
-        learn=cases[gate_size : gate_size + learn_size],
+        holdout=cases[gate_size : gate_size + holdout_size],
+        learn=cases[gate_size + holdout_size : gate_size + holdout_size + learn_size],
         source=f"BIG-bench {data.get('name', task_name)} ({path}), seed {seed}",
     )
 
