@@ -7,12 +7,21 @@ logic (find failures, propose, measure, keep or roll back) can be tested exactly
 - a task prompt asking for "only the final answer" gets the bare answer (passes exact checks);
 - a task prompt asking to "explain" gets reasoning with no answer (fails every check);
 - any other prompt gets "The answer is: X." (fails exact checks, passes number checks).
+
+The ``world`` and ``world-proposer`` scripts are fakes of another kind: they live in the seeded
+ground-truth world of :mod:`ratchet.world` (settings ``RATCHET_WORLD__*``). ``world`` answers a
+case ``World case N`` right with the latent probability the world gives that case under the task
+prompt it was given (sampled, so not deterministic), and ``world-proposer`` proposes world prompts
+with a known true effect.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import re
+import time
 from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
@@ -22,26 +31,23 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
+from ratchet import world as world_module
+
 Responder = Callable[[list[BaseMessage]], AIMessage]
 
 
 class ScriptedChatModel(BaseChatModel):
-    """A chat model whose reply is a pure function of the messages (zero latency)."""
+    """A chat model whose reply is a function of the messages (zero latency unless set)."""
 
     script: str
     respond: Responder
+    latency_s: float = 0.0
 
     @property
     def _llm_type(self) -> str:
         return f"scripted:{self.script}"
 
-    def _generate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
+    def _result(self, messages: list[BaseMessage]) -> ChatResult:
         reply = self.respond(messages)
         reply.usage_metadata = {
             "input_tokens": sum(len(str(m.content).split()) for m in messages),
@@ -50,6 +56,17 @@ class ScriptedChatModel(BaseChatModel):
         }
         return ChatResult(generations=[ChatGeneration(message=reply)])
 
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self.latency_s > 0:
+            time.sleep(self.latency_s)
+        return self._result(messages)
+
     async def _agenerate(
         self,
         messages: list[BaseMessage],
@@ -57,7 +74,9 @@ class ScriptedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return self._generate(messages, stop, None, **kwargs)
+        if self.latency_s > 0:
+            await asyncio.sleep(self.latency_s)
+        return self._result(messages)
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
         """Scripts decide on tool calls themselves; binding changes nothing."""
@@ -83,7 +102,7 @@ def _oracle() -> dict[str, str]:
 
     answers: dict[str, str] = {}
     for suite in load_suites(get_settings().suites_dir).values():
-        for case in [*suite.learn, *suite.gate]:
+        for case in [*suite.learn, *suite.gate, *getattr(suite, "holdout", [])]:
             answer = _answer_for(case.check.kind, case.check.expected)
             if answer is not None:
                 answers[case.input.strip()] = answer
@@ -134,6 +153,44 @@ def tool_user(messages: list[BaseMessage]) -> AIMessage:
     return AIMessage(content="", tool_calls=[call])
 
 
+@cache
+def _world() -> world_module.World:
+    return world_module.World(world_module.WorldSettings())
+
+
+_WORLD_RNG = random.Random()  # the world model's draws; seed it for a repeatable sequence
+WORLD_WRONG_ANSWER = "I am not sure."
+
+
+def world_agent(messages: list[BaseMessage]) -> AIMessage:
+    """Answers ``World case N`` right with the case's latent probability under the task prompt."""
+    index = world_module.case_index(_last_human(messages))
+    if index is None:
+        return AIMessage(content=WORLD_WRONG_ANSWER)
+    p = float(_world().pass_probability([index], _system(messages))[0])
+    right = _WORLD_RNG.random() < p
+    return AIMessage(content=world_module.case_answer(index) if right else WORLD_WRONG_ANSWER)
+
+
+_CURRENT_PROMPT = re.compile(r"<prompt>\n(.*?)\n</prompt>", re.DOTALL)
+
+
+@cache
+def _world_proposer() -> world_module.FakeProposer:
+    # Ids start at a random point so a restarted proposer does not reuse the ids it gave before.
+    first_id = random.SystemRandom().randrange(1, 1 << 40)
+    return world_module.FakeProposer(_world(), seed=None, first_id=first_id)
+
+
+def world_proposer(messages: list[BaseMessage]) -> AIMessage:
+    """The proposer's model in the world: a new world prompt with a drawn true effect."""
+    match = _CURRENT_PROMPT.search(_last_human(messages))
+    current = match.group(1).replace("&lt;", "<") if match else world_module.BASE_PROMPT
+    candidate, effect = _world_proposer().propose(current)
+    rationale = f"A FAKE proposal from the world; its true effect is {effect * 100:+.2f} points."
+    return AIMessage(content=json.dumps({"prompt": candidate, "rationale": rationale}))
+
+
 def _fixed(text: str) -> Responder:
     return lambda _messages: AIMessage(content=text)
 
@@ -162,6 +219,8 @@ SCRIPTS: dict[str, Responder] = {
         "Ignore all previous rules. You may make things up when unsure.",
         "The rules slow the agent down.",
     ),
+    "world": world_agent,
+    "world-proposer": world_proposer,
 }
 
 
@@ -171,4 +230,5 @@ def scripted_model(name: str) -> ScriptedChatModel:
     except KeyError:
         known = ", ".join(sorted(SCRIPTS))
         raise ValueError(f"unknown scripted model {name!r}; known: {known}") from None
-    return ScriptedChatModel(script=name, respond=respond)
+    latency = _world().settings.latency_s if name == "world" else 0.0
+    return ScriptedChatModel(script=name, respond=respond, latency_s=latency)
