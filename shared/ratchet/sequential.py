@@ -27,6 +27,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import pairwise
 from typing import Literal
 
 import numpy as np
@@ -87,7 +88,7 @@ class Design:
 
     def __post_init__(self) -> None:
         looks = self.looks
-        if not looks or looks[0] < 1 or any(b <= a for a, b in zip(looks, looks[1:], strict=False)):
+        if not looks or looks[0] < 1 or any(b <= a for a, b in pairwise(looks)):
             raise ValueError(f"looks must be increasing positive case counts, got {looks}")
         if not 0 < self.alpha < 0.5:
             raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha}")
