@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ratchet.contracts import Measurement
 from ratchet.natsproc import LocalNats, free_port, start_nats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,5 +25,35 @@ def kept_trail() -> list[str]:
     """The audit trail of a change that went through every step and was kept."""
     return [
         "proposed", "received", "measured", "awaiting_approval", "approved", "applied",
-        "verified", "kept",
+        "verified", "kept", "holdout",
     ]  # fmt: skip
+
+
+def measurement(**changes: object) -> Measurement:
+    """Gate evidence for tests: a superiority test that found the candidate better on 50 cases."""
+    fields: dict[str, object] = {
+        "test": "superiority",
+        "margin": 0.0,
+        "alpha": 0.05,
+        "looks": [25, 50, 75, 100],
+        "repeats": 1,
+        "verdict": "superior",
+        "stopped_at": 2,
+        "history": [],
+        "cases": 50,
+        "current_passes": 20,
+        "candidate_passes": 35,
+        "lift": 0.3,
+        "ci95": (0.15, 0.45),
+        "lower_bound": 0.08,
+        "runs": 100,
+        "fixed": ["case-1"],
+        "broken": [],
+        "flaky": [],
+        "unscored": 0,
+        "pool_sha256": "ab" * 32,
+        "pool_size": 120,
+        "proposals_on_pool": 1,
+        "pool_budget": 50,
+    }
+    return Measurement.model_validate({**fields, **changes})

@@ -1,11 +1,14 @@
 """The policy approver: decides waiting changes by a rule a person chose, and signs as itself.
 
 Auto-approval still goes through the gate, so every change keeps its audit trail (the seed's
-advice). Rules:
+advice). The rule only reads the gate's test; nothing is approved on a raw difference:
 
-- ``no-regression`` (default): approve when the candidate fails no case the current prompt
-  passed, and passes more cases overall;
-- ``min-lift:X``: approve when the success rate rises by at least X (e.g. ``min-lift:0.05``).
+- ``superior`` (default): approve when the paired sequential test showed the candidate better;
+- ``min-lift:X``: as ``superior``, and the estimated lift is at least X (e.g. ``min-lift:0.05``).
+
+Never approved by policy, whatever the rule: a non-inferiority change (made for another reason
+than being better; it needs a person), and any change measured on a gate pool past its budget of
+proposals (the pool may be overfit; rotate it).
 """
 
 from __future__ import annotations
@@ -18,36 +21,43 @@ from ratchet.contracts import ChangeApproved, ChangeAwaitingApproval, ChangeReje
 from ratchet.messaging import durable_subscriber, event_publisher, make_broker, publish
 from ratchet.settings import Settings
 
+DEFAULT_RULE = "superior"
 
-def parse_rule(rule: str) -> float | None:
-    """None for ``no-regression``, the minimum lift for ``min-lift:X``; else an error."""
-    if rule == "no-regression":
-        return None
+
+def parse_rule(rule: str) -> float:
+    """The minimum lift a rule adds to significance (0 for ``superior``); else an error."""
+    if rule == DEFAULT_RULE:
+        return 0.0
     if rule.startswith("min-lift:"):
         try:
             lift = float(rule.split(":", 1)[1])
         except ValueError:
             lift = math.nan
-        if 0 <= lift <= 1:  # a negative lift would approve changes that make things worse
+        if 0 <= lift <= 1:
             return lift
-    raise ValueError(f"unknown approval rule {rule!r}; use no-regression or min-lift:X")
+    raise ValueError(f"unknown approval rule {rule!r}; use superior or min-lift:X")
 
 
 def policy_decision(measurement: Measurement, rule: str) -> tuple[bool, str]:
-    """(approve?, why), from the gate measurement alone."""
+    """(approve?, why), from the gate's evidence alone."""
     min_lift = parse_rule(rule)
-    before, after = measurement.current.success_rate, measurement.candidate.success_rate
-    numbers = f"success {before:.0%} -> {after:.0%} on {measurement.cases} gate cases"
-    if min_lift is not None:
-        verdict = measurement.diff >= min_lift
-        sign = ">=" if verdict else "<"
-        return verdict, f"{numbers}; lift {measurement.diff:+.0%} {sign} {min_lift:.0%}"
-    worse = sorted(case for case, d in measurement.per_case_diff.items() if d < 0)
-    if worse:
-        return False, f"{numbers}; worse on {len(worse)} case(s): {', '.join(worse[:5])}"
-    if measurement.diff <= 0:
-        return False, f"{numbers}; no case improved"
-    return True, f"{numbers}; better overall and worse on no case"
+    m = measurement
+    numbers = (
+        f"lift {m.lift:+.1%} (95% lower bound {m.lower_bound:+.1%}) on {m.cases} cases, "
+        f"test {m.verdict.replace('_', '-')} at look {m.stopped_at}/{len(m.looks)}"
+    )
+    if m.test != "superiority":
+        return False, f"{numbers}; a non-inferiority change needs a person"
+    if m.pool_overused:
+        return False, (
+            f"{numbers}; the gate pool has been tested by {m.proposals_on_pool} proposals "
+            f"(budget {m.pool_budget}) and may be overfit: rotate it, or decide in person"
+        )
+    if m.verdict != "superior":
+        return False, f"{numbers}; not shown better"
+    if m.lift < min_lift:
+        return False, f"{numbers}; shown better, but the lift is under {min_lift:.0%}"
+    return True, f"{numbers}; shown better"
 
 
 def build_approver_app(settings: Settings, rule: str) -> FastStream:
@@ -68,6 +78,7 @@ def build_approver_app(settings: Settings, rule: str) -> FastStream:
             change_id=waiting.change_id,
             approver=approver,
             reason=why,
+            evidence_sha256=waiting.evidence_sha256,
         )
         await publish(approved if ok else rejected, decision)
 

@@ -18,6 +18,7 @@ from pydantic import TypeAdapter
 from rich.console import Console
 from rich.table import Table
 
+from ratchet.approver import DEFAULT_RULE
 from ratchet.audit import verify_chain
 from ratchet.client import (
     ClientError,
@@ -35,6 +36,7 @@ from ratchet.contracts import (
     Measurement,
     RunRequested,
 )
+from ratchet.evidence import describe, describe_after
 from ratchet.messaging import QUERY_PREFIX
 from ratchet.prompts import read_history
 from ratchet.queries import ChangesQuery, ChangeSummary, ProposeReply, ProposeRequest
@@ -246,31 +248,33 @@ async def cmd_changes(args: argparse.Namespace) -> int:
 
 
 def print_evidence(trail: list[AuditRecord]) -> None:
-    """What a person needs to decide: the proposal, the measurement and the diff."""
+    """What a person needs to decide: the proposal, the gate's evidence and the diff.
+
+    Everything here may hold untrusted text (a rationale, a prompt), so none of it is markup."""
     by_kind = {r.kind: r.payload for r in trail}
     if received := by_kind.get("received"):
-        console.print(
-            f"[bold]task:[/] {received['task']}  [bold]base version:[/] "
-            f"v{received['base_version']}  [bold]by:[/] {received['proposer']}"
+        plain(
+            f"task: {received['task']}  base version: v{received['base_version']}  "
+            f"by: {received['proposer']}"
         )
-        console.print(f"[bold]rationale:[/] {received['rationale']}")
+        plain(f"rationale: {received['rationale']}")
     if diff := by_kind.get("awaiting_approval"):
-        console.print("[bold]prompt diff:[/]")
-        console.print(diff["prompt_diff"], markup=False, highlight=False)
+        plain("prompt diff:")
+        plain(diff["prompt_diff"])
     if measured := by_kind.get("measured"):
-        m = Measurement.model_validate(measured)
-        low, high = m.ci95
-        console.print(
-            f"[bold]gate set ({m.cases} cases):[/] current {m.current.success_rate:.0%} -> "
-            f"candidate {m.candidate.success_rate:.0%}  (diff {m.diff:+.0%}, 95% CI "
-            f"{low:+.0%} to {high:+.0%})"
-        )
-        better = sum(d > 0 for d in m.per_case_diff.values())
-        worse = sum(d < 0 for d in m.per_case_diff.values())
-        console.print(f"  cases better: {better}, worse: {worse}, same: {m.cases - better - worse}")
+        for line in describe(Measurement.model_validate(measured)):
+            plain(line)
+    for line in describe_after(by_kind):
+        plain(line)
     if invalid := by_kind.get("invalid"):
         for problem in invalid["problems"]:
-            console.print(f"  [red]invalid:[/] {problem}")
+            plain(f"  invalid: {problem}")
+    for refused in (r for r in trail if r.kind == "decision_refused"):
+        plain(f"  refused decision by {refused.actor}: {refused.payload['why']}")
+
+
+def plain(text: str) -> None:
+    console.print(text, markup=False, highlight=False)
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
@@ -332,6 +336,7 @@ async def cmd_prompts(args: argparse.Namespace) -> int:
                 proposed_prompt=target.record.text,
                 rationale=f"roll back to version {target.version}",
                 proposer=f"cli:{getpass.getuser()}",
+                margin=settings.gate.rollback_margin,  # kept if shown no worse: needs a person
             )
             await nc.jetstream().publish(
                 change.subject,
@@ -341,7 +346,8 @@ async def cmd_prompts(args: argparse.Namespace) -> int:
             )
             console.print(
                 f"proposed rollback as change {change.change_id}: it goes through the gate "
-                "like any change"
+                f"(a non-inferiority test, margin {change.margin:.0%}) and needs a person's "
+                "approval"
             )
             return 0
     finally:
@@ -575,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
         decide.set_defaults(handler=cmd_decide, is_async=True)
 
     approver = sub.add_parser("approver", help="run the policy approver")
-    approver.add_argument("--rule", default="no-regression", help="no-regression | min-lift:X")
+    approver.add_argument("--rule", default=DEFAULT_RULE, help="superior | min-lift:X")
     approver.set_defaults(handler=cmd_approver, is_async=False)
 
     prompts = sub.add_parser("prompts", help="every version of a task prompt")
@@ -618,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole improvement loop, start to finish")
     demo.add_argument("--suite", default="demo", help="suite name in config/suites (default demo)")
     demo.add_argument("--yes", action="store_true", help="let the policy approver decide")
-    demo.add_argument("--rule", default="no-regression", help="the policy approver's rule")
+    demo.add_argument("--rule", default=DEFAULT_RULE, help="the policy approver's rule")
     demo.add_argument("--report", help="write a JSON report here")
     demo.add_argument("--fresh", action="store_true", help="start from an empty state directory")
     demo.set_defaults(handler=cmd_demo, is_async=False)

@@ -145,13 +145,24 @@ async def fetch_trail(nc: Client, change_id: str) -> list[AuditRecord]:
     return trail
 
 
+def evidence_of(trail: list[AuditRecord]) -> str:
+    """The evidence hash a decision on this change must name; an error if it is not waiting."""
+    waiting = next((r for r in trail if r.kind == "awaiting_approval"), None)
+    if waiting is None:
+        raise ClientError(f"change {trail[0].change_id} is not waiting for a decision yet")
+    return str(waiting.payload["evidence_sha256"])
+
+
 async def send_decision(change_id: str, *, approve: bool, reason: str, approver: str) -> None:
+    """Decide on the evidence the gatekeeper published for this change (and only on that)."""
     settings = client_settings(role="approver")
     decision_type = ChangeApproved if approve else ChangeRejected
-    decision = decision_type(change_id=change_id, approver=approver, reason=reason)
     nc = await open_client(settings)
     try:
-        await fetch_trail(nc, change_id)  # a typo in the id is caught before anything is sent
+        evidence = evidence_of(await fetch_trail(nc, change_id))
+        decision = decision_type(
+            change_id=change_id, approver=approver, reason=reason, evidence_sha256=evidence
+        )
         await nc.jetstream().publish(
             decision.subject,
             decision.model_dump_json().encode(),

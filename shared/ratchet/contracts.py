@@ -7,11 +7,12 @@ service that redoes a run after a crash publishes the same id and the duplicate 
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -60,21 +61,27 @@ class Check(BaseModel):
 
 
 RunPurpose = Literal["live", "gate"]
+GateStage = Literal["measure", "verify", "holdout"]
 
 
 class RunContext(BaseModel):
-    """Why a run happened: live traffic, or a gate measurement of one change."""
+    """Why a run happened: live traffic, or one run of a gate measurement of one change."""
 
     model_config = ConfigDict(extra="forbid")
 
     purpose: RunPurpose = "live"
     change_id: str | None = None
     case_id: str | None = None
-    arm: Literal["current", "candidate", "verify"] | None = None
+    stage: GateStage | None = None
+    arm: Literal["current", "candidate"] | None = None
+    repeat: int = 0
 
 
 class RunRequested(Event):
+    """A run of a task on one input, from a client (live traffic only)."""
+
     subject: ClassVar[str] = "run.requested"
+    purpose: ClassVar[RunPurpose] = "live"
 
     run_id: str = Field(default_factory=new_id)
     task: str
@@ -87,6 +94,20 @@ class RunRequested(Event):
         default=None, description="Wait until the executor has seen this prompt version."
     )
     context: RunContext = Field(default_factory=RunContext)
+
+    @model_validator(mode="after")
+    def _purpose_fits_subject(self) -> RunRequested:
+        """Gate runs come only on the gatekeeper's own subject, so nobody else can make one."""
+        if self.context.purpose != self.purpose:
+            raise ValueError(f"{self.subject} carries {self.purpose} runs only")
+        return self
+
+
+class GateRunRequested(RunRequested):
+    """One run of a gate measurement; only the gatekeeper may publish these."""
+
+    subject: ClassVar[str] = "run.gate.requested"
+    purpose: ClassVar[RunPurpose] = "gate"
 
 
 class TraceStep(BaseModel):
@@ -145,6 +166,9 @@ class RunScored(Event):
     problems: list[str] = Field(default_factory=list)
     scorer: str = Field(description='"check:<kind>" or "judge:<model>"')
     unscored_reason: str | None = None
+    prompt_version: int | None = Field(
+        default=None, description="The prompt version the run used (copied from the run)."
+    )
 
 
 class FailureLogged(Event):
@@ -179,28 +203,79 @@ class ChangeProposed(Event):
     groups: list[FailureGroup] = Field(default_factory=list)
     failure_run_ids: list[str] = Field(default_factory=list)
     proposer: str = "proposer"
+    margin: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.2,
+        description="0: keep only if shown better. > 0: a change made for another reason (a "
+        "rollback, a shorter prompt), kept if shown no worse than this share; it always needs a "
+        "person, never the policy approver.",
+    )
 
 
-class ArmResult(BaseModel):
+class Look(BaseModel):
+    """The test statistic at one look, against that look's boundary."""
+
     model_config = ConfigDict(extra="forbid")
 
-    success_rate: float
-    scores: dict[str, float | None] = Field(description="Score by gate case id.")
+    n: int
+    z: float
+    efficacy_bound: float
+    conditional_power: float | None
 
 
 class Measurement(BaseModel):
-    """Before-and-after evidence on a task's fixed gate set."""
+    """The gate's evidence: a paired sequential test of the candidate against the current
+    prompt on the same cases of the task's gate pool. Rates and lifts are shares (0.05 = 5
+    points); pass counts are integers, out of ``cases * repeats``."""
 
     model_config = ConfigDict(extra="forbid")
 
+    test: Literal["superiority", "non-inferiority"]
+    margin: float
+    alpha: float
+    looks: list[int] = Field(description="Planned looks, in cases.")
+    repeats: int
+    verdict: Literal["superior", "non_inferior", "futile", "not_shown"]
+    stopped_at: int = Field(description="The look (1-based) the test stopped at.")
+    history: list[Look]
     cases: int
-    current: ArmResult
-    candidate: ArmResult
-    per_case_diff: dict[str, int] = Field(
-        description="candidate pass (1/0) minus current pass (1/0)"
+    current_passes: int
+    candidate_passes: int
+    lift: float = Field(description="Mean per-case difference, candidate minus current.")
+    ci95: tuple[float, float] = Field(description="Unadjusted two-sided 95% interval of the lift.")
+    lower_bound: float = Field(
+        description="One-sided 95% bound of the lift, valid under early stopping."
     )
-    diff: float = Field(description="candidate success rate minus current success rate")
-    ci95: tuple[float, float]
+    runs: int = Field(description="Model runs spent (both arms, every repeat).")
+    fixed: list[str] = Field(description="Cases the candidate passed more often.")
+    broken: list[str] = Field(description="Cases the candidate passed less often.")
+    flaky: list[str] = Field(description="Cases whose repeats disagreed under one prompt.")
+    unscored: int = Field(description="Runs the evaluator could not score (counted as failed).")
+    pool_sha256: str
+    pool_size: int
+    proposals_on_pool: int = Field(description="Changes measured on this pool, this one included.")
+    pool_budget: int
+    note: str = (
+        "An approved lift is an overestimate: changes are kept because they measured well. "
+        "The holdout measurement after keeping it reports the real lift."
+    )
+
+    @property
+    def current_rate(self) -> float:
+        return self.current_passes / (self.cases * self.repeats)
+
+    @property
+    def candidate_rate(self) -> float:
+        return self.candidate_passes / (self.cases * self.repeats)
+
+    @property
+    def pool_overused(self) -> bool:
+        return self.proposals_on_pool > self.pool_budget
+
+    def sha256(self) -> str:
+        """The evidence hash an approval must name."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
 
 class ChangeAwaitingApproval(Event):
@@ -212,12 +287,17 @@ class ChangeAwaitingApproval(Event):
     prompt_diff: str
     rationale: str
     measurement: Measurement
+    evidence_sha256: str = Field(description="What an approval must name: measurement.sha256().")
 
 
 class ChangeDecision(Event):
     change_id: str
     approver: str
     reason: str
+    evidence_sha256: str = Field(
+        description="The evidence decided on (from change.awaiting_approval); a decision that "
+        "names other evidence, or comes before there is any, is refused and audited."
+    )
 
 
 class ChangeApproved(ChangeDecision):
@@ -239,11 +319,19 @@ class ChangeApplied(Event):
 
 
 class ChangeOutcome(Event):
+    """What the check after applying found: the applied prompt against a fresh, concurrent control
+    (the previous prompt) on gate-pool cases the decision did not use."""
+
     change_id: str
     task: str
-    before: float
-    after: float
     version: int = Field(description="The prompt revision current after this outcome.")
+    cases: int
+    repeats: int
+    control_passes: int
+    applied_passes: int
+    served: bool = Field(description="Every applied-arm run used the applied version.")
+    upper_bound: float = Field(description="One-sided 95% upper bound of the lift.")
+    reason: str
 
 
 class ChangeKept(ChangeOutcome):
@@ -268,6 +356,7 @@ class DeadLetter(BaseModel):
 
 EVENTS: tuple[type[Event], ...] = (
     RunRequested,
+    GateRunRequested,
     RunCompleted,
     RunScored,
     FailureLogged,

@@ -31,6 +31,7 @@ from ratchet.contracts import (
     RunRequested,
     TokenUsage,
 )
+from ratchet.evidence import VERDICTS, describe_after
 from ratchet.messaging import QUERY_PREFIX
 from ratchet.queries import ProposeReply, ProposeRequest
 from ratchet.store import AuditRecord, FailureQuery
@@ -52,8 +53,8 @@ class DemoReport(BaseModel):
     measurement: Measurement | None = None
     decision: dict[str, Any] | None = None
     outcome: str
-    gate_before: float | None = None
-    gate_after: float | None = None
+    verified: dict[str, Any] | None = None
+    holdout: dict[str, Any] | None = None
     prompt_version_after: int | None = None
     runs: int
     tokens: TokenUsage
@@ -191,9 +192,9 @@ async def run_demo(
             console.print(f"[red]no proposal:[/] {reply.error}")
             return report("no_proposal")
         change: ChangeProposed = reply.change
-        console.print(f"[bold]proposed prompt:[/] {change.proposed_prompt}")
+        console.print("proposed prompt: " + change.proposed_prompt, markup=False, highlight=False)
 
-        console.rule(f"4. the gatekeeper measures it on the {len(suite.gate)} gate cases")
+        console.rule(f"4. the gatekeeper measures it on up to {len(suite.gate)} gate-pool cases")
         with console.status("measuring current and candidate prompts…"):
             trail = await wait_for_trail(
                 nc, change.change_id, {"awaiting_approval", "invalid"}, gate_timeout
@@ -223,22 +224,24 @@ async def run_demo(
             approver = f"cli:{getpass.getuser()}"
         await send_decision(change.change_id, approve=approve, reason=reason, approver=approver)
 
-        console.rule("6. apply, verify, keep or roll back")
+        console.rule("6. apply, verify on fresh cases, keep or roll back, then the holdout")
+        # a kept change goes on to the sealed holdout, when the suite has one
+        last_steps = (OUTCOMES - {"kept"}) | {"holdout"} if suite.holdout else OUTCOMES
         with console.status("waiting for the gatekeeper…"):
-            trail = await wait_for_trail(nc, change.change_id, OUTCOMES, gate_timeout)
+            trail = await wait_for_trail(nc, change.change_id, last_steps, gate_timeout)
+        for line in describe_after({r.kind: r.payload for r in trail}):
+            console.print(line, markup=False, highlight=False)
         by_kind = {r.kind: r.payload for r in trail}
         outcome = next(r.kind for r in reversed(trail) if r.kind in OUTCOMES)
-        verified = by_kind.get("verified", {})
-        final = by_kind.get(outcome, {})
         return report(
             outcome,
             change_id=change.change_id,
             proposed_prompt=change.proposed_prompt,
             measurement=measurement,
             decision={"approved": approve, "approver": approver, "reason": reason},
-            gate_before=measurement.current.success_rate,
-            gate_after=verified.get("after"),
-            prompt_version_after=final.get("version"),
+            verified=by_kind.get("verified"),
+            holdout=by_kind.get("holdout"),
+            prompt_version_after=by_kind.get(outcome, {}).get("version"),
             trail=[r.kind for r in trail],
         )
     finally:
@@ -256,8 +259,8 @@ def print_summary(report: DemoReport, console: Console) -> None:
         m = report.measurement
         table.add_row(
             "gate: current -> candidate",
-            f"{m.current.success_rate:.0%} -> {m.candidate.success_rate:.0%} "
-            f"(95% CI of the difference {m.ci95[0]:+.0%} to {m.ci95[1]:+.0%})",
+            f"{m.current_rate:.0%} -> {m.candidate_rate:.0%} on {m.cases} cases: lift "
+            f"{m.lift:+.1%} (lower bound {m.lower_bound:+.1%}), {VERDICTS[m.verdict]}",
         )
     if report.decision:
         table.add_row(
@@ -265,8 +268,14 @@ def print_summary(report: DemoReport, console: Console) -> None:
             f"{'approved' if report.decision['approved'] else 'rejected'} by "
             f"{report.decision['approver']}",
         )
-    if report.gate_after is not None:
-        table.add_row("gate after applying", f"{report.gate_after:.0%}")
+    if report.verified is not None:
+        v = report.verified
+        table.add_row(
+            "fresh control after applying",
+            f"{v['control_passes']} -> {v['applied_passes']} passes on {v['cases']} cases",
+        )
+    if report.holdout is not None:
+        table.add_row("holdout lift (the real one)", f"{report.holdout['lift']:+.1%}")
     table.add_row("outcome", report.outcome)
     table.add_row(
         "runs / tokens",
@@ -281,18 +290,23 @@ def _verdict(report: DemoReport) -> str:
     """Say plainly what happened, including when nothing improved."""
     m = report.measurement
     if report.outcome == "kept" and m is not None:
-        if m.diff > 0:
+        if m.verdict == "superior":
             return (
-                f"The change helped on the gate set ({m.diff:+.0%}) and was kept after "
-                "verification."
+                f"The gate showed the change better ({m.lift:+.0%}, an overestimate; the holdout "
+                "gives the real lift) and it was kept after a fresh check."
             )
-        return "The change did not make the gate set worse, so it was kept; it did not help either."
+        return "The change was approved without being shown better and kept after a fresh check."
     if report.outcome == "rolled_back":
         return (
-            "The change was approved but made the gate set worse on verification, so it was "
-            "rolled back."
+            "The change was approved, but a fresh control after applying showed a regression, "
+            "so it was rolled back."
         )
     if report.outcome == "rejected":
+        if m is not None and m.verdict != "superior":
+            return (
+                "The gate could not show the change better, so it was rejected; the prompt is "
+                "unchanged."
+            )
         return "The change was rejected at the gate; the prompt is unchanged."
     if report.outcome == "invalid":
         return (

@@ -3,6 +3,7 @@
 This is where the isolation invariants are enforced by the server itself:
 
 - only the evaluator may publish ``run.scored``;
+- only the gatekeeper may request gate runs (``run.gate.requested``);
 - only the gatekeeper may write the prompt store (publish to ``$KV.prompts.>``);
 - only approvers may publish ``change.approved`` / ``change.rejected``;
 - each service may only create and read its own durable consumers, on its own subjects.
@@ -32,7 +33,7 @@ class Role:
 ROLES: dict[str, Role] = {
     "executor": Role(
         publish=("run.completed",),
-        consumers=(("executor", "run.requested"),),
+        consumers=(("executor", "run.requested"), ("executor-gate", "run.gate.requested")),
         reads_prompts=True,
     ),
     "evaluator": Role(publish=("run.scored",), consumers=(("evaluator", "run.completed"),)),
@@ -52,7 +53,7 @@ ROLES: dict[str, Role] = {
     ),
     "gatekeeper": Role(
         publish=(
-            "run.requested",
+            "run.gate.requested",
             "change.awaiting_approval",
             "change.applied",
             "change.kept",
@@ -62,6 +63,7 @@ ROLES: dict[str, Role] = {
         subscribe=(f"{QUERY_PREFIX}.changes", f"{QUERY_PREFIX}.change"),
         consumers=(
             ("gatekeeper-proposed", "change.proposed"),
+            ("gatekeeper-scored", "run.scored"),
             ("gatekeeper-approved", "change.approved"),
             ("gatekeeper-rejected", "change.rejected"),
         ),

@@ -34,17 +34,22 @@ class ChangeSummary(BaseModel):
     updated_at: datetime
 
 
+# Records that report on a change without moving it: they never become its status.
+NOT_A_STATUS = {"holdout", "decision_refused"}
+
+
 def summarize(records: list[AuditRecord]) -> list[ChangeSummary]:
-    """One line per change from its audit records: the latest record kind is its status."""
+    """One line per change from its audit records: the latest step is its status."""
     by_change: dict[str, list[AuditRecord]] = {}
     for record in records:
         by_change.setdefault(record.change_id, []).append(record)
     summaries = []
     for change_id, trail in by_change.items():
         task = next((str(r.payload["task"]) for r in trail if "task" in r.payload), "?")
+        steps = [r for r in trail if r.kind not in NOT_A_STATUS] or trail
         summaries.append(
             ChangeSummary(
-                change_id=change_id, task=task, status=trail[-1].kind, updated_at=trail[-1].at
+                change_id=change_id, task=task, status=steps[-1].kind, updated_at=trail[-1].at
             )
         )
     return sorted(summaries, key=lambda s: s.updated_at, reverse=True)

@@ -145,7 +145,9 @@ class LookResult:
     verdict: Verdict
 
 
-def _bound(diffs: Sequence[int], repeats: int, z_crit: float) -> tuple[float, float]:
+def paired_interval(
+    diffs: Sequence[int], repeats: int = 1, z_crit: float = 1.959964
+) -> tuple[float, float]:
     """(lower, upper): the margins -m at which the statistic would equal ``z_crit``."""
     n = len(diffs)
     mean = sum(diffs) / n
@@ -183,7 +185,7 @@ def analyse(diffs: Sequence[int], design: Design, look: int) -> LookResult:
         verdict = "futile"
     else:
         verdict = "continue"
-    lower, _ = _bound(diffs, r, bound)
+    lower, _ = paired_interval(diffs, r, bound)
     return LookResult(
         look=look,
         n=n,
@@ -192,7 +194,7 @@ def analyse(diffs: Sequence[int], design: Design, look: int) -> LookResult:
         efficacy_bound=bound,
         conditional_power=cp,
         lower_bound=lower,
-        ci95=_bound(diffs, r, 1.959964),
+        ci95=paired_interval(diffs, r, 1.959964),
         verdict=verdict,
     )
 
@@ -220,5 +222,5 @@ def regression_shown(
         return False, 1.0
     z_crit = float(stats.norm.isf(alpha))
     shown = z_statistic(diffs, repeats, margin) <= -z_crit
-    _, upper = _bound(diffs, repeats, z_crit)
+    _, upper = paired_interval(diffs, repeats, z_crit)
     return shown, upper

@@ -25,6 +25,33 @@ class ModelSettings(BaseSettings):
     timeout_s: float = 120.0
 
 
+class GateSettings(BaseSettings):
+    """How the gatekeeper measures a change (see :mod:`ratchet.sequential`)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    max_cases: int = Field(default=200, ge=1, description="Cases at the last look.")
+    looks: int = Field(default=8, ge=1, description="Planned looks, evenly spaced.")
+    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="One-sided, over all looks.")
+    verify_reserve: int = Field(
+        default=20, ge=0, description="Pool cases no decision may use: fresh cases for verify."
+    )
+    verify_cases: int = Field(
+        default=100, ge=1, description="Fresh cases the check after applying runs."
+    )
+    holdout_cases: int = Field(default=200, ge=1, description="Holdout cases run after a keep.")
+    pool_budget: int = Field(
+        default=50,
+        ge=1,
+        description="Changes measured on one gate pool before auto-approval stops: past it, "
+        "repeated proposals may have overfit the pool; rotate it.",
+    )
+    rollback_margin: float = Field(
+        default=0.05, ge=0, le=0.2, description="Non-inferiority margin of a proposed rollback."
+    )
+    run_timeout_s: float = Field(default=600.0, gt=0, description="Wait for one look's runs.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RATCHET_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -44,6 +71,7 @@ class Settings(BaseSettings):
     agent: ModelSettings = Field(default_factory=ModelSettings)
     judge: ModelSettings = Field(default_factory=ModelSettings)
     proposer: ModelSettings = Field(default_factory=ModelSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
     local_model_port: int = 8088
 
     agent_factory: str | None = Field(
@@ -61,7 +89,6 @@ class Settings(BaseSettings):
     workers: int = Field(default=8, description="Messages a service handles concurrently.")
     judge_attempts: int = 3
     min_failures_to_propose: int = 20
-    gate_run_timeout_s: float = 600.0
     agent_max_steps: int = 6
 
     def resolved_store_url(self) -> str:

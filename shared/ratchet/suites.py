@@ -79,6 +79,13 @@ class Suite(BaseModel):
         "Measured only after a change is kept, to report the real lift and to catch a gate pool "
         "that repeated proposals have overfit.",
     )
+    repeats: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="Runs per case and prompt when measuring a change: more for a flaky task, "
+        "where repeats halve the noise of a case and show which cases are flaky.",
+    )
     source: str | None = Field(default=None, description="Where the cases came from.")
 
     @model_validator(mode="after")

@@ -24,7 +24,7 @@ from ratchet.contracts import Check, RunRequested
 from ratchet.messaging import connect
 from ratchet.natsproc import free_port
 from ratchet.prompts import read_current
-from ratchet.settings import ModelSettings, Settings, to_env
+from ratchet.settings import GateSettings, ModelSettings, Settings, to_env
 from ratchet.suites import load_suite
 from ratchet.up import Stack, start_stack
 
@@ -42,7 +42,7 @@ def make_stack(tmp_path: Path, proposer: str) -> Stack:
         judge=ModelSettings(spec="scripted:judge-yes"),
         proposer=ModelSettings(spec=f"scripted:{proposer}"),
         min_failures_to_propose=MIN_FAILURES,
-        gate_run_timeout_s=60,
+        gate=GateSettings(run_timeout_s=60),
     )
     return start_stack(settings)
 
@@ -99,6 +99,16 @@ async def wait_for_status(stack: Stack, statuses: set[str], timeout: float = 60)
         await asyncio.sleep(0.5)
 
 
+async def wait_for_trail(stack: Stack, change_id: str, last: str, timeout: float = 60) -> list[str]:
+    """The change's audit kinds, once its trail has reached ``last``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (kinds := trail_kinds(stack, change_id))[-1] != last:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{change_id} did not reach {last}: {kinds}")
+        await asyncio.sleep(0.5)
+    return kinds
+
+
 def trail_kinds(stack: Stack, change_id: str) -> list[str]:
     shown = cli(stack, "show", change_id, "--json")
     assert shown.returncode == 0, shown.stderr
@@ -114,16 +124,17 @@ async def test_a_fix_is_measured_approved_applied_used_and_kept(
     shown = cli(stack, "show", waiting["change_id"])
     assert "current" in shown.stdout and "candidate" in shown.stdout and "+only" not in shown.stdout
 
+    assert "verdict: shown better" in shown.stdout and "lower bound" in shown.stdout
     measured = json.loads(cli(stack, "show", waiting["change_id"], "--json").stdout)
     measurement = next(r["payload"] for r in measured if r["kind"] == "measured")
-    assert measurement["candidate"]["success_rate"] > measurement["current"]["success_rate"]
-    assert min(measurement["per_case_diff"].values()) >= 0
+    assert measurement["verdict"] == "superior" and measurement["broken"] == []
+    assert measurement["candidate_passes"] > measurement["current_passes"]
 
     approved = cli(stack, "approve", waiting["change_id"], "--reason", "fixes the wrapping")
     assert approved.returncode == 0, approved.stderr
     kept = await wait_for_status(stack, {"kept", "rolled_back"})
     assert kept["status"] == "kept"
-    assert trail_kinds(stack, waiting["change_id"]) == kept_trail
+    assert await wait_for_trail(stack, waiting["change_id"], "holdout") == kept_trail
 
     # the executor picked up the new version without a restart
     case = EXACT_LEARN[0]
@@ -149,7 +160,7 @@ async def test_a_fix_is_measured_approved_applied_used_and_kept(
 async def test_policy_approver_rejects_a_harmful_change(stack: Stack, client: Client) -> None:
     log = open(stack.settings.home / "logs" / "policy-approver.log", "wb")  # noqa: SIM115
     approver = subprocess.Popen(
-        [sys.executable, "-m", "ratchet.cli", "approver", "--rule", "no-regression"],
+        [sys.executable, "-m", "ratchet.cli", "approver", "--rule", "superior"],
         env=to_env(stack.settings),
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -164,9 +175,8 @@ async def test_policy_approver_rejects_a_harmful_change(stack: Stack, client: Cl
     assert rejected["status"] == "rejected"
     shown = json.loads(cli(stack, "show", rejected["change_id"], "--json").stdout)
     decision = next(r for r in shown if r["kind"] == "rejected")
-    assert (
-        decision["actor"] == "policy:no-regression" and "worse on" in decision["payload"]["reason"]
-    )
+    assert decision["actor"] == "policy:superior"
+    assert "not shown better" in decision["payload"]["reason"]
     assert stack.nats is not None
     current = await read_current(client.jetstream(), DEMO.name)
     assert current is not None and current.record.kind == "initial"

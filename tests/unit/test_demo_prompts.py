@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 
 import pytest
+from conftest import measurement
 from rich.console import Console
 
-from ratchet.contracts import ArmResult, Measurement, TokenUsage
+from ratchet.contracts import TokenUsage
 from ratchet.demo import DemoReport, ask_person, print_summary
 
 
@@ -20,16 +21,7 @@ def test_ask_person_shows_the_choices_and_insists_on_one(monkeypatch: pytest.Mon
     assert shown.count("Approve this change? [y/n]") == 2  # asked again after "maybe"
 
 
-def report(outcome: str, before: float, after: float) -> DemoReport:
-    arm = {"success_rate": 0.0, "scores": {}}
-    measurement = Measurement(
-        cases=4,
-        current=ArmResult.model_validate({**arm, "success_rate": before}),
-        candidate=ArmResult.model_validate({**arm, "success_rate": after}),
-        per_case_diff={},
-        diff=after - before,
-        ci95=(-1.0, 1.0),
-    )
+def report(outcome: str, verdict: str) -> DemoReport:
     return DemoReport(
         task="t",
         model="m",
@@ -37,7 +29,7 @@ def report(outcome: str, before: float, after: float) -> DemoReport:
         learn_success_rate=0.25,
         failures=3,
         groups=[],
-        measurement=measurement,
+        measurement=measurement(verdict=verdict),
         outcome=outcome,
         runs=16,
         tokens=TokenUsage(),
@@ -46,17 +38,18 @@ def report(outcome: str, before: float, after: float) -> DemoReport:
 
 
 @pytest.mark.parametrize(
-    ("outcome", "before", "after", "says"),
+    ("outcome", "verdict", "says"),
     [
-        ("kept", 0.25, 0.75, "helped on the gate set (+50%)"),
-        ("kept", 0.5, 0.5, "did not help either"),
-        ("rolled_back", 0.5, 0.75, "rolled back"),
-        ("rejected", 0.5, 0.5, "prompt is unchanged"),
+        ("kept", "superior", "showed the change better (+30%, an overestimate"),
+        ("kept", "not_shown", "approved without being shown better"),
+        ("rolled_back", "superior", "rolled back"),
+        ("rejected", "futile", "could not show the change better"),
+        ("rejected", "superior", "prompt is unchanged"),
     ],
 )
-def test_the_summary_says_plainly_what_happened(
-    outcome: str, before: float, after: float, says: str
-) -> None:
+def test_the_summary_says_plainly_what_happened(outcome: str, verdict: str, says: str) -> None:
     console = Console(file=io.StringIO(), record=True, width=120)
-    print_summary(report(outcome, before, after), console)
-    assert says in console.export_text()
+    print_summary(report(outcome, verdict), console)
+    shown = console.export_text()
+    assert says in shown
+    assert "lower bound +8.0%" in shown  # the evidence, not only a raw rate

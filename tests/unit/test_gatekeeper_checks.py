@@ -10,7 +10,7 @@ import pytest
 
 from ratchet.contracts import ChangeProposed
 from ratchet.rules import Rules, load_rules
-from ratchet_gatekeeper.checks import measure, prompt_diff, validate
+from ratchet_gatekeeper.checks import prompt_diff, validate
 
 RULES = load_rules(Path(__file__).parents[2] / "config" / "behavior_rules.json")
 GOOD_PROMPT = "Reply with only the final answer."
@@ -104,97 +104,6 @@ def test_custom_rules_are_checked_too() -> None:
 
     assert validate(change, current_version=3, rules=rules) != []
     assert validate(proposal(), current_version=3, rules=rules) == []
-
-
-# --- measure ------------------------------------------------------------------------------------
-
-
-def test_success_rates_and_per_case_diffs() -> None:
-    current: Scores = {"a": 1.0, "b": 0.0, "c": 0.0, "d": 1.0}
-    candidate: Scores = {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.0}
-
-    m = measure(current, candidate, THRESHOLD)
-
-    assert m.cases == 4
-    assert m.current.success_rate == 0.5
-    assert m.candidate.success_rate == 0.5
-    assert m.per_case_diff == {"a": 0, "b": 1, "c": 0, "d": -1}
-    assert m.diff == 0.0
-    assert m.current.scores == current and m.candidate.scores == candidate
-
-
-def test_diff_is_candidate_rate_minus_current_rate() -> None:
-    current: Scores = {"a": 0.2, "b": 0.9, "c": 0.1, "d": 0.5, "e": 1.0}
-    candidate: Scores = {"a": 0.8, "b": 0.9, "c": 0.7, "d": 0.69, "e": 0.3}
-
-    m = measure(current, candidate, THRESHOLD)
-
-    assert m.current.success_rate == pytest.approx(0.4)
-    assert m.candidate.success_rate == pytest.approx(0.6)
-    assert m.diff == pytest.approx(m.candidate.success_rate - m.current.success_rate)
-    assert m.per_case_diff == {"a": 1, "b": 0, "c": 1, "d": 0, "e": -1}
-
-
-def test_threshold_is_inclusive() -> None:
-    m = measure({"a": 0.69}, {"a": 0.7}, THRESHOLD)
-
-    assert m.per_case_diff == {"a": 1}
-
-
-def test_unscored_case_counts_as_failed() -> None:
-    m = measure({"a": 1.0, "b": 1.0}, {"a": None, "b": 1.0}, THRESHOLD)
-
-    assert m.candidate.success_rate == 0.5
-    assert m.per_case_diff == {"a": -1, "b": 0}
-
-
-def test_ci_contains_the_mean_difference() -> None:
-    current: Scores = {f"c{i}": 0.0 for i in range(6)}
-    candidate: Scores = {f"c{i}": 1.0 if i < 4 else 0.0 for i in range(6)}
-
-    m = measure(current, candidate, THRESHOLD)
-    low, high = m.ci95
-
-    assert low <= m.diff <= high
-    assert low < high
-
-
-def test_ci_is_a_t_interval_for_small_gate_sets() -> None:
-    # Diffs 1, 1, 1, 0: mean 0.75, sd 0.5, t(0.975, df=3) = 3.1824, half-width 0.7956;
-    # a difference of success rates cannot exceed 1, so the upper end is clamped there.
-    current: Scores = {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}
-    candidate: Scores = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 0.0}
-
-    assert measure(current, candidate, THRESHOLD).ci95 == (-0.0456, 1.0)
-
-
-def test_arms_on_different_cases_are_refused() -> None:
-    with pytest.raises(ValueError, match="same gate cases"):
-        measure({"a": 1.0}, {"b": 1.0}, THRESHOLD)
-
-
-def test_ci_narrows_with_more_agreeing_cases() -> None:
-    def ci_width(n: int) -> float:
-        # Three quarters of the cases improve, the rest stay the same: the same effect, more data.
-        current: Scores = {f"c{i}": 0.0 for i in range(n)}
-        candidate: Scores = {f"c{i}": 1.0 if i % 4 else 0.0 for i in range(n)}
-        low, high = measure(current, candidate, THRESHOLD).ci95
-        return high - low
-
-    assert ci_width(8) > ci_width(40) > ci_width(200)
-
-
-def test_all_equal_differences_give_a_zero_width_ci() -> None:
-    current: Scores = {f"c{i}": 0.0 for i in range(5)}
-    candidate: Scores = {f"c{i}": 1.0 for i in range(5)}
-
-    m = measure(current, candidate, THRESHOLD)
-
-    assert m.diff == 1.0
-    assert m.ci95 == (1.0, 1.0)
-
-
-# --- prompt_diff --------------------------------------------------------------------------------
 
 
 def test_prompt_diff_shows_removed_and_added_lines() -> None:

@@ -51,4 +51,5 @@ def _scored(
         problems=problems,
         scorer=scorer,
         unscored_reason=unscored_reason,
+        prompt_version=run.prompt_version,
     )

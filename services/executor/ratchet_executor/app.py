@@ -1,11 +1,12 @@
-"""Executor service: ``run.requested`` in, agent run, ``run.completed`` out."""
+"""Executor service: ``run.requested`` and ``run.gate.requested`` in, agent run, ``run.completed``
+out."""
 
 from __future__ import annotations
 
 from faststream import FastStream
 from faststream.specification import AsyncAPI
 
-from ratchet.contracts import RunCompleted, RunRequested
+from ratchet.contracts import GateRunRequested, RunCompleted, RunRequested
 from ratchet.messaging import connect, durable_subscriber, event_publisher, make_broker, publish
 from ratchet.models import make_chat_model, model_label
 from ratchet.prompts import PromptReader
@@ -46,4 +47,15 @@ async def start() -> None:
     description="Run the task and publish run.completed (a crashed run completes with its error).",
 )
 async def on_run_requested(request: RunRequested) -> None:
+    await publish(completed, await state["executor"].execute(request))
+
+
+@durable_subscriber(
+    broker,
+    GateRunRequested.subject,
+    durable="executor-gate",
+    settings=settings,
+    description="A gate run for the gatekeeper's measurement of a change (same agent, same rules).",
+)
+async def on_gate_run_requested(request: GateRunRequested) -> None:
     await publish(completed, await state["executor"].execute(request))

@@ -19,7 +19,8 @@ from ratchet.contracts import (
     ChangeRejected,
     ChangeRolledBack,
     Event,
-    RunRequested,
+    GateRunRequested,
+    RunScored,
 )
 from ratchet.messaging import (
     QUERY_PREFIX,
@@ -36,6 +37,7 @@ from ratchet.settings import get_settings
 from ratchet.store import AuditRecord, Store, open_store
 from ratchet.suites import load_suites
 from ratchet_gatekeeper.graph import Gate, build_gate_graph
+from ratchet_gatekeeper.ledger import GateLedger
 from ratchet_gatekeeper.runner import GateRunner
 
 settings = get_settings()
@@ -50,7 +52,7 @@ app = FastStream(
 publishers = {
     event_type.subject: event_publisher(broker, event_type)
     for event_type in (
-        RunRequested,
+        GateRunRequested,
         ChangeAwaitingApproval,
         ChangeApplied,
         ChangeKept,
@@ -94,16 +96,20 @@ async def start() -> None:
     checkpointer = await resources.enter_async_context(
         AsyncSqliteSaver.from_conn_string(str(settings.home / "gatekeeper-checkpoints.db"))
     )
+    ledger = await GateLedger.open(settings.home / "gatekeeper-runs.db")
+    resources.push_async_callback(ledger.close)
     gate = Gate(
         store=store,
+        ledger=ledger,
         prompts=KvPrompts(js, writer),
         publish=publish_event,
         rules=load_rules(settings.rules_path),
         suites=suites,
         threshold=settings.failure_threshold,
-        run_timeout_s=settings.gate_run_timeout_s,
+        settings=settings.gate,
     )
-    state["runner"] = GateRunner(build_gate_graph(gate, checkpointer))
+    state["runner"] = GateRunner(build_gate_graph(gate, checkpointer), gate)
+    state["ledger"] = ledger
     state["store"] = store
 
 
@@ -117,6 +123,17 @@ async def stop() -> None:
 )
 async def on_proposed(change: ChangeProposed) -> None:
     await state["runner"].on_proposed(change)
+
+
+@durable_subscriber(
+    broker,
+    RunScored.subject,
+    durable="gatekeeper-scored",
+    settings=settings,
+    description="Scores of the gate runs this gatekeeper issued (all others are ignored).",
+)
+async def on_run_scored(score: RunScored) -> None:
+    await state["ledger"].record(score)
 
 
 @durable_subscriber(

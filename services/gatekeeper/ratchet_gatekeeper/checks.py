@@ -1,14 +1,11 @@
-"""Plain checks the gatekeeper applies: proposal validation and the before/after statistics."""
+"""Plain checks the gatekeeper applies before measuring: is the proposal a valid task prompt?"""
 
 from __future__ import annotations
 
 import difflib
-import math
 import re
 
-from scipy import stats
-
-from ratchet.contracts import ArmResult, ChangeProposed, Measurement
+from ratchet.contracts import ChangeProposed
 from ratchet.rules import Rules
 
 RESERVED_TARGETS = {"rules", "behavior_rules", "behavior-rules", "system"}
@@ -56,44 +53,6 @@ def validate(change: ChangeProposed, *, current_version: int | None, rules: Rule
         problems.append("the proposed prompt is empty")
     problems += rules_conflicts(change.proposed_prompt, rules)
     return problems
-
-
-def success_rate(scores: dict[str, float | None], threshold: float) -> float:
-    """Share of cases that passed; an unscored case counts as not passed."""
-    if not scores:
-        return 0.0
-    return sum(s is not None and s >= threshold for s in scores.values()) / len(scores)
-
-
-def measure(
-    current: dict[str, float | None], candidate: dict[str, float | None], threshold: float
-) -> Measurement:
-    """Paired comparison on the same cases, with a t interval for the mean difference."""
-    if set(current) != set(candidate):
-        raise ValueError("both arms must be measured on the same gate cases")
-    cases = sorted(current)
-
-    def passed(scores: dict[str, float | None], case: str) -> int:
-        score = scores.get(case)
-        return int(score is not None and score >= threshold)
-
-    diffs = {case: passed(candidate, case) - passed(current, case) for case in cases}
-    values = list(diffs.values())
-    n = len(values)
-    mean = sum(values) / n if n else 0.0
-    if n > 1:
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-        half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    else:
-        half = 1.0
-    return Measurement(
-        cases=n,
-        current=ArmResult(success_rate=success_rate(current, threshold), scores=current),
-        candidate=ArmResult(success_rate=success_rate(candidate, threshold), scores=candidate),
-        per_case_diff=diffs,
-        diff=mean,
-        ci95=(round(max(-1.0, mean - half), 4), round(min(1.0, mean + half), 4)),
-    )
 
 
 def prompt_diff(before: str, after: str) -> str:

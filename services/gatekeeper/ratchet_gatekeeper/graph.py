@@ -1,19 +1,29 @@
 """The gatekeeper's LangGraph graph: one durable thread per change.
 
-    validate -> measure -> ask -> decide (interrupt) -> apply -> verify
-        \\-> END (invalid)          \\-> END (rejected)
+    validate -> measure -> ask -> decide (interrupt) -> apply -> verify -> holdout
+        \\-> END (invalid)          \\-> END (rejected)    \\-> END     \\-> END (rolled back)
 
-A resumed node re-runs from its first line, so every side effect here is idempotent: requests
-and events carry ids derived from the change id (JetStream drops duplicates), prompt writes
-check whether they already happened, and each audit kind is written once per change.
+``measure`` runs the paired sequential test of :mod:`ratchet.sequential` on the task's gate pool,
+look by look; ``verify`` checks that executors serve the applied version and that a fresh,
+concurrent control on pool cases the decision never used shows no regression; ``holdout`` runs
+the sealed holdout after a keep, to report the real lift.
+
+A resumed node re-runs from its first line, so every side effect here is idempotent: gate run ids
+are derived from the change and a secret nonce drawn once per change (a finished run is not
+requested again, and JetStream drops a repeated request), events carry ids derived from the
+change id, prompt writes check whether they already happened, and each audit kind is written
+once per change.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import time
+import random
+import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypedDict
 
 from langgraph.graph import END, START, StateGraph
@@ -27,20 +37,26 @@ from ratchet.contracts import (
     ChangeProposed,
     ChangeRolledBack,
     Event,
+    GateRunRequested,
+    GateStage,
+    Look,
     Measurement,
     RunContext,
-    RunRequested,
+    RunScored,
 )
 from ratchet.prompts import PromptRecord, PromptVersion, StaleVersionError
 from ratchet.rules import Rules
+from ratchet.sequential import analyse, design_for_pool, paired_interval, regression_shown
+from ratchet.settings import GateSettings
 from ratchet.store import Store
 from ratchet.suites import Case, Suite
-from ratchet_gatekeeper.checks import measure, prompt_diff, success_rate, validate
+from ratchet_gatekeeper.checks import prompt_diff, validate
+from ratchet_gatekeeper.ledger import GateLedger
 
 log = logging.getLogger("ratchet.gatekeeper")
 
 ACTOR = "gatekeeper"
-ROLLBACK_MARGIN = 0.02  # roll back when the verified success rate fell by more than 2 points
+Arm = Literal["current", "candidate"]
 
 
 class ChangeState(TypedDict, total=False):
@@ -48,16 +64,41 @@ class ChangeState(TypedDict, total=False):
     status: str
     problems: list[str]
     base_prompt: str
+    nonce: str
     measurement: dict[str, Any]
+    evidence_sha256: str
     decision: dict[str, Any]
     applied_version: int
-    verified_rate: float
+    outcome: dict[str, Any]
 
 
 class PromptStoreAccess(Protocol):
     async def current(self, task: str) -> PromptVersion | None: ...
 
     async def write(self, task: str, record: PromptRecord, *, base_version: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """How one arm runs: an explicit prompt text, or the stored prompt at least at a version."""
+
+    prompt: str | None
+    min_version: int | None = None
+
+
+@dataclass(frozen=True)
+class PairedRuns:
+    """Pass counts per case for both arms, from the gatekeeper's own runs."""
+
+    cases: list[Case]
+    current: dict[str, int]
+    candidate: dict[str, int]
+    flaky: list[str]
+    unscored: int
+    candidate_versions: set[int | None]
+
+    def diffs(self) -> list[int]:
+        return [self.candidate[c.id] - self.current[c.id] for c in self.cases]
 
 
 class Gate:
@@ -67,79 +108,127 @@ class Gate:
         self,
         *,
         store: Store,
+        ledger: GateLedger,
         prompts: PromptStoreAccess,
         publish: Callable[[Event], Awaitable[None]],
         rules: Rules,
         suites: dict[str, Suite],
         threshold: float,
-        run_timeout_s: float,
+        settings: GateSettings,
     ) -> None:
         self.store = store
+        self.ledger = ledger
         self.prompts = prompts
         self.publish = publish
         self.rules = rules
         self.suites = suites
         self.threshold = threshold
-        self.run_timeout_s = run_timeout_s
+        self.settings = settings
 
     async def audit(
-        self, change_id: str, kind: str, payload: dict[str, Any], actor: str = ACTOR
+        self,
+        change_id: str,
+        kind: str,
+        payload: dict[str, Any],
+        actor: str = ACTOR,
+        *,
+        key: str | None = None,
     ) -> None:
-        """Append one audit record of this kind for this change, once."""
-        if any(r.kind == kind for r in await self.store.audit(change_id)):
-            return
-        await self.store.append_audit(change_id, kind, actor, payload)
+        """Append one audit record of this kind for this change (and ``key``), once."""
+        for record in await self.store.audit(change_id):
+            if record.kind == kind and (key is None or record.payload.get("key") == key):
+                return
+        await self.store.append_audit(
+            change_id, kind, actor, payload if key is None else {**payload, "key": key}
+        )
 
-    async def run_cases(
+    def pool_order(self, change: ChangeProposed, nonce: str) -> list[Case]:
+        """The gate pool in this change's own random order: the decision takes a prefix and the
+        check after applying takes the cases right after it, which the decision never saw."""
+        cases = list(self.suites[change.task].gate)
+        seed = hashlib.sha256(f"{change.change_id}:{nonce}".encode()).digest()
+        random.Random(seed).shuffle(cases)
+        return cases
+
+    async def run_pairs(
         self,
         change: ChangeProposed,
-        arm: Literal["current", "candidate", "verify"],
-        prompt: str | None,
-        min_version: int | None = None,
-    ) -> dict[str, float | None]:
-        """Run the task's gate set through the real executor and evaluator; scores by case.
+        nonce: str,
+        stage: GateStage,
+        cases: list[Case],
+        arms: dict[Arm, ArmSpec],
+    ) -> PairedRuns:
+        """Run both arms on ``cases`` concurrently through the real executor and evaluator.
 
-        Scores are read back from the store, so a gatekeeper that restarts mid-measurement
-        finds the runs that already finished."""
-        cases: list[Case] = self.suites[change.task].gate
-        run_ids = {case.id: f"{change.change_id}.{arm}.{case.id}" for case in cases}
-        for case in cases:
-            run_id = run_ids[case.id]
-            await self.publish(
-                RunRequested(
-                    id=f"{run_id}.requested",
-                    run_id=run_id,
-                    task=change.task,
-                    input=case.input,
-                    check=case.check,
-                    candidate_prompt=prompt,
-                    min_prompt_version=min_version,
-                    context=RunContext(
-                        purpose="gate", change_id=change.change_id, case_id=case.id, arm=arm
-                    ),
-                )
+        Run ids hold a nonce nobody else knows, requests go on a subject only the gatekeeper may
+        publish, checks come from the gatekeeper's own suites, and only gate scores of runs it
+        issued count (:class:`GateLedger`), so nobody can run or score a gate run in its place."""
+        repeats = self.suites[change.task].repeats
+        requests = {
+            f"{change.change_id}.{nonce}.{stage}.{arm}.{case.id}.{repeat}": GateRunRequested(
+                id=f"{change.change_id}.{nonce}.{stage}.{arm}.{case.id}.{repeat}.requested",
+                run_id=f"{change.change_id}.{nonce}.{stage}.{arm}.{case.id}.{repeat}",
+                task=change.task,
+                input=case.input,
+                check=case.check,
+                candidate_prompt=spec.prompt,
+                min_prompt_version=spec.min_version,
+                context=RunContext(
+                    purpose="gate",
+                    change_id=change.change_id,
+                    case_id=case.id,
+                    stage=stage,
+                    arm=arm,
+                    repeat=repeat,
+                ),
             )
-        scores: dict[str, float | None] = {}
-        deadline = time.monotonic() + self.run_timeout_s
-        while len(scores) < len(cases) and time.monotonic() < deadline:
-            for case_id, run_id in run_ids.items():
-                if case_id not in scores:
-                    stored = await self.store.get_run(run_id)
-                    if stored is not None and stored.scored is not None:
-                        scores[case_id] = stored.scored.score
-            await asyncio.sleep(0.2)
-        missing = [c for c in run_ids if c not in scores]
-        if missing:
-            log.warning(
-                "%s: %d %s runs never scored; counted as failed",
-                change.change_id,
-                len(missing),
-                arm,
-            )
-        return {case_id: scores.get(case_id) for case_id in run_ids}
+            for case in cases
+            for arm, spec in arms.items()
+            for repeat in range(repeats)
+        }
+        to_request = await self.ledger.issue(change.change_id, list(requests))
+        await asyncio.gather(*(self.publish(requests[run_id]) for run_id in to_request))
+        scores = await self.ledger.wait(list(requests), self.settings.run_timeout_s)
+        return self._count(cases, requests, scores, repeats)
+
+    def _count(
+        self,
+        cases: list[Case],
+        requests: dict[str, GateRunRequested],
+        scores: dict[str, RunScored],
+        repeats: int,
+    ) -> PairedRuns:
+        passes: dict[Arm, dict[str, int]] = {
+            "current": {c.id: 0 for c in cases},
+            "candidate": {c.id: 0 for c in cases},
+        }
+        unscored = 0
+        versions: set[int | None] = set()
+        for run_id, request in requests.items():
+            score, context = scores[run_id], request.context
+            assert context.arm is not None and context.case_id is not None
+            if score.score is None:
+                unscored += 1
+            elif score.score >= self.threshold:
+                passes[context.arm][context.case_id] += 1
+            if context.arm == "candidate":
+                versions.add(score.prompt_version)
+        flaky = [
+            c.id
+            for c in cases
+            if any(0 < passes[arm][c.id] < repeats for arm in ("current", "candidate"))
+        ]
+        return PairedRuns(
+            cases=cases,
+            current=passes["current"],
+            candidate=passes["candidate"],
+            flaky=flaky,
+            unscored=unscored,
+            candidate_versions=versions,
+        )
 
     async def roll_back(
-        self, change: ChangeProposed, base_prompt: str, applied: int, before: float, after: float
+        self, change: ChangeProposed, base_prompt: str, applied: int, reason: str
     ) -> int:
         """Write the pre-change prompt back as a new version (once), returning that version."""
         current = await self.prompts.current(change.task)
@@ -151,10 +240,7 @@ class Gate:
         return await self.prompts.write(
             change.task,
             PromptRecord(
-                text=base_prompt,
-                kind="rollback",
-                change_id=change.change_id,
-                note=f"rolled back: success {before:.0%} -> {after:.0%}",
+                text=base_prompt, kind="rollback", change_id=change.change_id, note=reason[:500]
             ),
             base_version=applied,
         )
@@ -169,22 +255,94 @@ class Gate:
             change, current_version=current.version if current else None, rules=self.rules
         )
         if change.task not in self.suites:
-            problems.append(f"task {change.task!r} has no gate set to measure it on")
+            problems.append(f"task {change.task!r} has no gate pool to measure it on")
         if problems:
             await self.audit(change.change_id, "invalid", {"problems": problems})
             return {"status": "invalid", "problems": problems}
         assert current is not None
-        return {"status": "valid", "base_prompt": current.record.text}
+        return {
+            "status": "valid",
+            "base_prompt": current.record.text,
+            "nonce": secrets.token_hex(16),
+        }
 
     async def measure_node(self, state: ChangeState) -> ChangeState:
         change = ChangeProposed.model_validate(state["change"])
-        current, candidate = await asyncio.gather(
-            self.run_cases(change, "current", state["base_prompt"]),
-            self.run_cases(change, "candidate", change.proposed_prompt),
+        suite = self.suites[change.task]
+        g = self.settings
+        design = design_for_pool(
+            len(suite.gate),
+            max_cases=g.max_cases,
+            n_looks=g.looks,
+            verify_reserve=g.verify_reserve,
+            alpha=g.alpha,
+            margin=change.margin,
+            repeats=suite.repeats,
         )
-        measurement = measure(current, candidate, self.threshold)
+        pool_sha = suite.gate_pool_sha256()
+        uses = await self.ledger.use_pool(change.change_id, change.task, pool_sha)
+        order = self.pool_order(change, state["nonce"])
+        arms: dict[Arm, ArmSpec] = {
+            "current": ArmSpec(state["base_prompt"]),
+            "candidate": ArmSpec(change.proposed_prompt),
+        }
+        history: list[Look] = []
+        batches: list[PairedRuns] = []
+        done = 0
+        for look, n in enumerate(design.looks, start=1):
+            batches.append(
+                await self.run_pairs(change, state["nonce"], "measure", order[done:n], arms)
+            )
+            done = n
+            diffs = [d for batch in batches for d in batch.diffs()]
+            result = analyse(diffs, design, look)
+            history.append(
+                Look(
+                    n=n,
+                    z=round(result.z, 4),
+                    efficacy_bound=result.efficacy_bound,
+                    conditional_power=None
+                    if result.conditional_power is None
+                    else round(result.conditional_power, 4),
+                )
+            )
+            if result.verdict != "continue":
+                break
+        assert result.verdict != "continue"
+        current = {k: v for b in batches for k, v in b.current.items()}
+        candidate = {k: v for b in batches for k, v in b.candidate.items()}
+        used = order[:done]
+        measurement = Measurement(
+            test=design.test,
+            margin=design.margin,
+            alpha=design.alpha,
+            looks=list(design.looks),
+            repeats=design.repeats,
+            verdict=result.verdict,
+            stopped_at=result.look,
+            history=history,
+            cases=done,
+            current_passes=sum(current.values()),
+            candidate_passes=sum(candidate.values()),
+            lift=round(result.lift, 4),
+            ci95=(round(result.ci95[0], 4), round(result.ci95[1], 4)),
+            lower_bound=round(result.lower_bound, 4),
+            runs=2 * done * design.repeats,
+            fixed=[c.id for c in used if candidate[c.id] > current[c.id]],
+            broken=[c.id for c in used if candidate[c.id] < current[c.id]],
+            flaky=[case for b in batches for case in b.flaky],
+            unscored=sum(b.unscored for b in batches),
+            pool_sha256=pool_sha,
+            pool_size=len(suite.gate),
+            proposals_on_pool=uses,
+            pool_budget=g.pool_budget,
+        )
         await self.audit(change.change_id, "measured", measurement.model_dump(mode="json"))
-        return {"status": "measured", "measurement": measurement.model_dump(mode="json")}
+        return {
+            "status": "measured",
+            "measurement": measurement.model_dump(mode="json"),
+            "evidence_sha256": measurement.sha256(),
+        }
 
     async def ask_node(self, state: ChangeState) -> ChangeState:
         change = ChangeProposed.model_validate(state["change"])
@@ -196,17 +354,24 @@ class Gate:
             prompt_diff=prompt_diff(state["base_prompt"], change.proposed_prompt),
             rationale=change.rationale,
             measurement=Measurement.model_validate(state["measurement"]),
+            evidence_sha256=state["evidence_sha256"],
         )
         await self.publish(awaiting)
         await self.audit(
-            change.change_id, "awaiting_approval", {"prompt_diff": awaiting.prompt_diff}
+            change.change_id,
+            "awaiting_approval",
+            {"prompt_diff": awaiting.prompt_diff, "evidence_sha256": awaiting.evidence_sha256},
         )
         return {"status": "awaiting_approval"}
 
     async def decide_node(self, state: ChangeState) -> ChangeState:
         change_id = state["change"]["change_id"]
         decision: dict[str, Any] = interrupt(
-            {"change_id": change_id, "question": "Approve this prompt change?"}
+            {
+                "change_id": change_id,
+                "question": "Approve this prompt change?",
+                "evidence_sha256": state["evidence_sha256"],
+            }
         )
         status = "approved" if decision["approved"] else "rejected"
         await self.audit(change_id, status, decision, actor=str(decision["approver"]))
@@ -244,30 +409,101 @@ class Gate:
         return {"status": "applied", "applied_version": version}
 
     async def verify_node(self, state: ChangeState) -> ChangeState:
+        """Fresh cases, a concurrent control, and the executors' own version: never the arm the
+        decision was selected on."""
         change = ChangeProposed.model_validate(state["change"])
         version = state["applied_version"]
-        scores = await self.run_cases(change, "verify", None, min_version=version)
-        before = Measurement.model_validate(state["measurement"]).current.success_rate
-        after = success_rate(scores, self.threshold)
-        await self.audit(
-            change.change_id, "verified", {"scores": scores, "before": before, "after": after}
+        measurement = Measurement.model_validate(state["measurement"])
+        order = self.pool_order(change, state["nonce"])
+        fresh = order[measurement.cases : measurement.cases + self.settings.verify_cases]
+        if not fresh:  # a pool too small to keep fresh cases: rerun the decision's
+            fresh = order[: self.settings.verify_cases]
+        runs = await self.run_pairs(
+            change,
+            state["nonce"],
+            "verify",
+            fresh,
+            {"current": ArmSpec(state["base_prompt"]), "candidate": ArmSpec(None, version)},
         )
-        rolled_back = after < before - ROLLBACK_MARGIN
+        repeats = self.suites[change.task].repeats
+        served = runs.candidate_versions == {version}
+        regressed, upper = regression_shown(runs.diffs(), repeats)
+        if not served:
+            reason = f"executors served versions {sorted(map(str, runs.candidate_versions))}, "
+            reason += f"not v{version}"
+        elif regressed:
+            reason = f"fresh control shows a regression (upper bound {upper:+.1%})"
+        else:
+            reason = f"no regression on {len(fresh)} fresh cases (upper bound {upper:+.1%})"
+        rolled_back = regressed or not served
+        details = {
+            "cases": len(fresh),
+            "fresh": measurement.cases < len(order),
+            "control_passes": sum(runs.current.values()),
+            "applied_passes": sum(runs.candidate.values()),
+            "upper_bound": round(upper, 4),
+            "served": served,
+            "reason": reason,
+        }
+        await self.audit(change.change_id, "verified", details)
         if rolled_back:
-            version = await self.roll_back(change, state["base_prompt"], version, before, after)
-        outcome_type = ChangeRolledBack if rolled_back else ChangeKept
+            version = await self.roll_back(change, state["base_prompt"], version, reason)
         status = "rolled_back" if rolled_back else "kept"
+        outcome_type = ChangeRolledBack if rolled_back else ChangeKept
         outcome = outcome_type(
             id=f"{change.change_id}.{status}",
             change_id=change.change_id,
             task=change.task,
-            before=before,
-            after=after,
             version=version,
+            cases=len(fresh),
+            repeats=repeats,
+            control_passes=sum(runs.current.values()),
+            applied_passes=sum(runs.candidate.values()),
+            served=served,
+            upper_bound=round(upper, 4),
+            reason=reason,
         )
         await self.publish(outcome)
         await self.audit(change.change_id, status, outcome.model_dump(mode="json"))
-        return {"status": status, "verified_rate": after}
+        return {"status": status, "outcome": outcome.model_dump(mode="json")}
+
+    async def holdout_node(self, state: ChangeState) -> ChangeState:
+        """The sealed holdout, after a keep: the real lift, and a warning when it contradicts the
+        gate's own lower bound (the pool may be overfit by repeated proposals)."""
+        change = ChangeProposed.model_validate(state["change"])
+        holdout = self.suites[change.task].holdout[: self.settings.holdout_cases]
+        if not holdout:
+            return {"status": "kept"}
+        runs = await self.run_pairs(
+            change,
+            state["nonce"],
+            "holdout",
+            holdout,
+            {
+                "current": ArmSpec(state["base_prompt"]),
+                "candidate": ArmSpec(change.proposed_prompt),
+            },
+        )
+        repeats = self.suites[change.task].repeats
+        diffs = runs.diffs()
+        low, high = paired_interval(diffs, repeats)
+        gate = Measurement.model_validate(state["measurement"])
+        lift = sum(diffs) / (len(diffs) * repeats)
+        await self.audit(
+            change.change_id,
+            "holdout",
+            {
+                "cases": len(holdout),
+                "current_passes": sum(runs.current.values()),
+                "candidate_passes": sum(runs.candidate.values()),
+                "lift": round(lift, 4),
+                "ci95": [round(low, 4), round(high, 4)],
+                "gate_lift": gate.lift,
+                "gate_lower_bound": gate.lower_bound,
+                "pool_overfit_warning": high < gate.lower_bound,
+            },
+        )
+        return {"status": "kept"}
 
 
 def _after_validate(state: ChangeState) -> str:
@@ -282,6 +518,10 @@ def _after_apply(state: ChangeState) -> str:
     return "verify" if state["status"] == "applied" else END
 
 
+def _after_verify(state: ChangeState) -> str:
+    return "holdout" if state["status"] == "kept" else END
+
+
 def build_gate_graph(
     gate: Gate, checkpointer: Checkpointer
 ) -> CompiledStateGraph[Any, Any, Any, Any]:
@@ -292,11 +532,13 @@ def build_gate_graph(
     graph.add_node("decide", gate.decide_node)
     graph.add_node("apply", gate.apply_node)
     graph.add_node("verify", gate.verify_node)
+    graph.add_node("holdout", gate.holdout_node)
     graph.add_edge(START, "validate")
     graph.add_conditional_edges("validate", _after_validate, ["measure", END])
     graph.add_edge("measure", "ask")
     graph.add_edge("ask", "decide")
     graph.add_conditional_edges("decide", _after_decide, ["apply", END])
     graph.add_conditional_edges("apply", _after_apply, ["verify", END])
-    graph.add_edge("verify", END)
+    graph.add_conditional_edges("verify", _after_verify, ["holdout", END])
+    graph.add_edge("holdout", END)
     return graph.compile(checkpointer=checkpointer)

@@ -12,20 +12,23 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
 from ratchet.contracts import ChangeDecision, ChangeProposed
+from ratchet_gatekeeper.graph import Gate
 
 log = logging.getLogger("ratchet.gatekeeper")
 
 
 class EarlyDecision(RuntimeError):
-    """A decision arrived before its change reached the gate; raising it gets it redelivered."""
+    """A decision on the right evidence arrived before its thread reached the gate (a crash
+    interrupted it between publishing the evidence and waiting); raising gets it redelivered."""
 
 
 class GateRunner:
     """One change thread runs at a time: a decision waits for the proposal's run to reach the
     gate, so a fast approver answering ``change.awaiting_approval`` cannot race the checkpoint."""
 
-    def __init__(self, graph: CompiledStateGraph[Any, Any, Any, Any]) -> None:
+    def __init__(self, graph: CompiledStateGraph[Any, Any, Any, Any], gate: Gate) -> None:
         self.graph = graph
+        self.gate = gate
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     @staticmethod
@@ -49,9 +52,31 @@ class GateRunner:
                 await self.graph.ainvoke(None, self.config(change.change_id))
 
     async def on_decision(self, decision: ChangeDecision, *, approved: bool) -> bool:
-        """Resume a change waiting at the gate. False when no such change is waiting."""
+        """Resume a change waiting at the gate. False (and audited, when the change exists) when
+        the decision is refused: no change waits for it, its evidence does not exist yet, or it
+        names other evidence than the gate measured."""
+        values, _ = await self.status(decision.change_id)
+        if not values:
+            log.warning("decision for %s ignored: no such change", decision.change_id)
+            return False
+        evidence = values.get("evidence_sha256")
+        if evidence is None:
+            return await self._refuse(decision, "no evidence yet: the change is being measured")
+        if decision.evidence_sha256 != evidence:
+            return await self._refuse(decision, f"names other evidence than {evidence[:12]}")
         async with self.locks[decision.change_id]:
             return await self._decide(decision, approved=approved)
+
+    async def _refuse(self, decision: ChangeDecision, why: str) -> bool:
+        log.warning("decision %s on %s refused: %s", decision.id, decision.change_id, why)
+        await self.gate.audit(
+            decision.change_id,
+            "decision_refused",
+            {**decision.model_dump(mode="json", include={"approver", "reason"}), "why": why},
+            actor=decision.approver,
+            key=decision.id,
+        )
+        return False
 
     async def _decide(self, decision: ChangeDecision, *, approved: bool) -> bool:
         _, pending = await self.status(decision.change_id)
@@ -60,13 +85,14 @@ class GateRunner:
                 "approved": approved,
                 "approver": decision.approver,
                 "reason": decision.reason,
+                "evidence_sha256": decision.evidence_sha256,
             }
             await self.graph.ainvoke(Command(resume=resume), self.config(decision.change_id))
             return True
-        if pending and set(pending) <= {"apply", "verify"}:  # decided, then a crash interrupted
+        if pending and set(pending) <= {"apply", "verify", "holdout"}:  # decided, then a crash
             await self.graph.ainvoke(None, self.config(decision.change_id))
             return True
-        if pending:  # still validating or measuring (e.g. in another gatekeeper process)
+        if pending:  # the evidence exists, but a crash stopped the thread before the gate
             raise EarlyDecision(f"change {decision.change_id} is at {pending}, not at the gate yet")
-        log.warning("decision for %s ignored: no change waiting for one", decision.change_id)
+        log.warning("decision for %s ignored: the change is already decided", decision.change_id)
         return False
