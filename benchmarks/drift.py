@@ -5,9 +5,13 @@ so the true effect of every proposed change is known. Side by side, on the same 
 proposals, this measures:
 
 - ``ratchet-gate``: the gate's decision procedure, ``ratchet.sequential`` (paired group-sequential
-  test, ``design_for_pool``). Each decision runs both prompts on the same cases, the first
-  ``looks[-1]`` cases of a fresh random permutation of the gate pool, and stops at the first look
-  whose verdict is not ``continue``. A change is kept only on ``superior``;
+  test, ``design_for_pool`` with the library's defaults unless a flag overrides them). Each
+  decision runs both prompts on the same cases, the first ``looks[-1]`` cases of a fresh random
+  permutation of the gate pool, and stops at the first look whose verdict is not ``continue``.
+  A change is approved only on ``superior``. In the histories the gate then runs its check after
+  applying, as the gatekeeper does: the applied prompt and a fresh control (the current prompt),
+  both on the next up to ``--verify-cases`` cases of the same permutation (cases the decision did
+  not use), and rolls back if ``regression_shown``;
 - ``seed-rule``: the seed lesson's rule. Run the current and the candidate prompt once each on a
   fixed set of 50 tasks; keep unless the candidate's success rate is worse by more than 2 points
   (integer counts: keep iff ``100 * (cur - cand) <= 2 * 50``, i.e. ``cand >= cur - 1``);
@@ -16,17 +20,20 @@ proposals, this measures:
 
 Two experiments:
 
-1. keep rates per true effect size (``--effects`` points) at each base success, each proposal in a
-   fresh world with its own gate pool drawn from ``--population`` cases;
+1. keep rates per true effect size (``--effects`` points, capped so the candidate's true success
+   stays in [2 %, 98 %]) and for the default proposer's mix of effects, at each base success, each
+   proposal in a fresh world with its own gate pool drawn from ``--population`` cases;
 2. histories: ``--histories`` worlds, each with one fixed gate pool, where ``--steps`` proposals
    from the default fake proposer (true effect ~ N(-1, 6) points) are decided one after another
    and kept changes become the current prompt. Reported: the final true success against the start,
-   the share of histories that ended below their start, keep rates by true effect, runs spent.
+   the share of histories that ended below their start, keep rates by true effect, runs spent,
+   and the gate's rollbacks after applying by the sign of the true effect.
 
-Model runs count gate runs only (two arms x cases x repeats); the gatekeeper's verify step after
-applying is not simulated.
+Model runs count the decision's runs (two arms x cases x repeats); the verify step's runs are
+counted apart. ``analyse`` depends on a sample only through how many cases show each difference,
+so the benchmark memoises it on those counts (same verdicts, far fewer calls).
 
-    .venv/bin/python benchmarks/drift.py                    # full size, a few minutes
+    .venv/bin/python benchmarks/drift.py                    # full size, under a minute
     .venv/bin/python benchmarks/drift.py --proposals 500 --histories 40 --json drift.json
 
 TODO(--e2e): mode (b), end to end through the real services (nats-server, executor, evaluator,
@@ -37,6 +44,7 @@ cycles, the same report. Not built yet.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -51,9 +59,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ratchet.sequential import Design, LookResult, analyse, design_for_pool
+from ratchet.sequential import Design, LookResult, analyse, design_for_pool, regression_shown
 from ratchet.world import (
     BASE_PROMPT,
+    MAX_SUCCESS,
+    MIN_SUCCESS,
     FakeProposer,
     World,
     WorldSettings,
@@ -87,6 +97,7 @@ TARGETS = {
     "histories_not_below_start_min": 0.99,
     "runs_per_decision_max": 0.6 * FIXED_TEST_RUNS,
 }
+SIGNS = ("worse", "neutral", "better")  # true effect < 0, == 0, > 0
 
 
 @dataclass(frozen=True)
@@ -100,9 +111,12 @@ class Config:
     history_bases: tuple[float, ...] = (0.5, 0.8)
     pool: int = 220
     population: int = 20_000
-    max_cases: int = 200
-    looks: int = 4
-    verify_reserve: int = 20
+    # None: the library's default (design_for_pool, Design)
+    max_cases: int | None = None
+    looks: int | None = None
+    verify_reserve: int | None = None
+    futility_cp: float | None = None
+    verify_cases: int = 100  # fresh cases the check after applying runs (the gatekeeper's default)
     deterministic_share: float = 0.5
     unevenness: float = 0.25
     proposer_mean: float = -1.0  # points
@@ -150,6 +164,23 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 # --- the rules ----------------------------------------------------------------------------------
 
 
+def make_design(cfg: Config) -> Design:
+    """``design_for_pool`` for the gate pool, with the library's defaults unless overridden."""
+    overrides = {
+        name: value
+        for name, value in (
+            ("max_cases", cfg.max_cases),
+            ("n_looks", cfg.looks),
+            ("verify_reserve", cfg.verify_reserve),
+        )
+        if value is not None
+    }
+    design = design_for_pool(cfg.pool, **overrides)
+    if cfg.futility_cp is not None:
+        design = dataclasses.replace(design, futility_cp=cfg.futility_cp)
+    return design
+
+
 def gate_decide(diffs: Sequence[int], design: Design) -> LookResult:
     """The gate's verdict on one change: looks in order, stop at the first that is not continue."""
     result: LookResult | None = None
@@ -159,6 +190,44 @@ def gate_decide(diffs: Sequence[int], design: Design) -> LookResult:
             break
     assert result is not None
     return result
+
+
+class Gate:
+    """:func:`gate_decide` for many changes at once, ``analyse`` memoised on its sufficient
+    statistic: how many cases so far show each difference -r..r (every quantity it computes is a
+    sum over the cases)."""
+
+    def __init__(self, design: Design) -> None:
+        self.design = design
+        self.values = np.arange(-design.repeats, design.repeats + 1)
+        self.memo: dict[tuple[int, tuple[int, ...]], LookResult] = {}
+
+    def look(self, look: int, counts: tuple[int, ...]) -> LookResult:
+        key = (look, counts)
+        result = self.memo.get(key)
+        if result is None:
+            diffs = [int(v) for v, c in zip(self.values, counts, strict=True) for _ in range(c)]
+            result = self.memo[key] = analyse(diffs, self.design, look)
+        return result
+
+    def decide(self, diffs: Ints) -> list[LookResult]:
+        """The final look's result of each row of ``diffs`` (rows are changes)."""
+        results: list[LookResult | None] = [None] * diffs.shape[0]
+        alive = np.arange(diffs.shape[0])
+        for look, n in enumerate(self.design.looks, 1):
+            if alive.size == 0:
+                break
+            counts = (diffs[alive, :n, None] == self.values).sum(axis=1)
+            still = []
+            for row, key in zip(alive.tolist(), counts.tolist(), strict=True):
+                result = self.look(look, tuple(key))
+                if result.verdict == "continue":
+                    still.append(row)
+                else:
+                    results[row] = result
+            alive = np.asarray(still, dtype=np.int64)
+        assert all(r is not None for r in results)
+        return [r for r in results if r is not None]
 
 
 def fixed_rule(rule: str, cur: Ints, cand: Ints) -> Bools:
@@ -194,13 +263,25 @@ class Batch:
     cand_success: npt.NDArray[np.float64]
 
 
+@dataclass(frozen=True)
+class Decided:
+    """Decisions of a batch. For the gate: both arms were run on the whole permuted pool, so the
+    cases from ``n_stop`` on are fresh for the check after applying."""
+
+    kept: Bools  # (N,)
+    cur: Ints  # (N, cases) passes of the current prompt, in the order the cases are used
+    cand: Ints
+    n_stop: Ints  # (N,) cases the decision used
+
+
 def decide(
-    batch: Batch, rule: str, design: Design, cfg: Config, rng: np.random.Generator, tally: Tally
-) -> Bools:
+    batch: Batch, rule: str, gate: Gate, cfg: Config, rng: np.random.Generator, tally: Tally
+) -> Decided:
     """Run ``rule`` on every decision of the batch (both arms sampled from the world)."""
+    design = gate.design
     n_dec = batch.seeds.shape[0]
     if rule == GATE:
-        order = rng.permuted(batch.pools, axis=1)[:, : design.max_cases]
+        order = rng.permuted(batch.pools, axis=1)
         repeats = design.repeats
     else:
         order = batch.pools[:, : cases_for(rule, design)]
@@ -218,30 +299,55 @@ def decide(
     cand = runs(batch.cand_id, batch.cand_success)
     if rule != GATE:
         kept = fixed_rule(rule, cur, cand)
-        tally.add(kept, np.full(n_dec, 2 * order.shape[1], dtype=np.int64))
-        return kept
-    diffs = (cand - cur).tolist()
-    kept = np.zeros(n_dec, dtype=np.bool_)
-    spent = np.zeros(n_dec, dtype=np.int64)
-    for j, row in enumerate(diffs):
-        result = gate_decide(row, design)
-        kept[j] = result.verdict == "superior"
-        spent[j] = 2 * result.n * design.repeats
+        n_stop = np.full(n_dec, order.shape[1], dtype=np.int64)
+        tally.add(kept, 2 * n_stop)
+        return Decided(kept, cur, cand, n_stop)
+    results = gate.decide(cand[:, : design.max_cases] - cur[:, : design.max_cases])
+    kept = np.array([r.verdict == "superior" for r in results], dtype=np.bool_)
+    n_stop = np.array([r.n for r in results], dtype=np.int64)
+    for result in results:
         tally.verdicts[result.verdict] = tally.verdicts.get(result.verdict, 0) + 1
-        if kept[j]:
+        if result.verdict == "superior":
             tally.kept_lift_sum += result.lift
-    tally.add(kept, spent)
-    return kept
+    tally.add(kept, 2 * n_stop * design.repeats)
+    return Decided(kept, cur, cand, n_stop)
+
+
+def verify(decided: Decided, rows: Ints, repeats: int, verify_cases: int) -> tuple[Bools, Ints]:
+    """The check after applying for the changes ``rows``: the applied (candidate) prompt against a
+    fresh control (the current prompt) on the next up to ``verify_cases`` cases after those the
+    decision used (the gatekeeper reuses the decision's cases only when none are left).
+    (rolled back?, cases run) per row."""
+    rolled_back = np.zeros(rows.size, dtype=np.bool_)
+    cases = np.zeros(rows.size, dtype=np.int64)
+    pool = decided.cur.shape[1]
+    for i, j in enumerate(rows.tolist()):
+        start = int(decided.n_stop[j])
+        fresh = slice(start, start + verify_cases) if start < pool else slice(0, verify_cases)
+        diffs = decided.cand[j, fresh] - decided.cur[j, fresh]
+        rolled_back[i] = regression_shown(diffs.tolist(), repeats)[0]
+        cases[i] = diffs.size
+    return rolled_back, cases
 
 
 # --- experiment 1: keep rate per effect size ----------------------------------------------------
 
 
-def effect_sizes(cfg: Config, design: Design, rng: np.random.Generator) -> list[dict[str, Any]]:
+def used_effect(base: float, effect: float) -> float:
+    """``effect`` (points) capped so the candidate's true success stays in the proposer's range."""
+    high, low = round((MAX_SUCCESS - base) * 100, 9), round((MIN_SUCCESS - base) * 100, 9)
+    return min(max(effect, low), high)
+
+
+def effect_sizes(cfg: Config, gate: Gate, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Each fixed effect, then the default proposer's mix (``None``: effects drawn from
+    N(proposer_mean, proposer_sd) points, capped like the fake proposer's), at each base."""
     rows = []
     for base in cfg.bases:
-        for effect in cfg.effects:
+        for requested in (*cfg.effects, None):
+            effect = None if requested is None else used_effect(base, requested)
             tallies = {rule: Tally() for rule in RULES}
+            effect_sum = 0.0
             done = 0
             while done < cfg.proposals:
                 n = min(cfg.batch, cfg.proposals - done)
@@ -254,13 +360,29 @@ def effect_sizes(cfg: Config, design: Design, rng: np.random.Generator) -> list[
                     cur_id=np.zeros(n, dtype=np.int64),
                     cur_success=np.full(n, base),
                     cand_id=np.ones(n, dtype=np.int64),
-                    cand_success=np.full(n, base + effect / 100),
+                    cand_success=np.full(n, base + effect / 100)
+                    if effect is not None
+                    else np.clip(
+                        base + rng.normal(cfg.proposer_mean, cfg.proposer_sd, n) / 100,
+                        MIN_SUCCESS,
+                        MAX_SUCCESS,
+                    ),
                 )
+                effect_sum += float((batch.cand_success - base).sum()) * 100
                 for rule in RULES:
-                    decide(batch, rule, design, cfg, rng, tallies[rule])
+                    decide(batch, rule, gate, cfg, rng, tallies[rule])
                 done += n
             for rule in RULES:
-                rows.append({"base": base, "effect": effect, "rule": rule, **tallies[rule].row()})
+                rows.append(
+                    {
+                        "base": base,
+                        "effect": requested,  # None: the proposer's mix
+                        "effect_used": effect,
+                        "mean_effect": effect_sum / cfg.proposals,
+                        "rule": rule,
+                        **tallies[rule].row(),
+                    }
+                )
     return rows
 
 
@@ -268,9 +390,10 @@ def effect_sizes(cfg: Config, design: Design, rng: np.random.Generator) -> list[
 
 
 def histories(
-    cfg: Config, design: Design, base: float, rng: np.random.Generator
+    cfg: Config, gate: Gate, base: float, rng: np.random.Generator
 ) -> list[dict[str, Any]]:
-    """Every rule lives its own histories, from the same worlds, pools and proposer seeds."""
+    """Every rule lives its own histories, from the same worlds, pools and proposer seeds. The
+    gate's approved changes go through the check after applying; the other rules have none."""
     h = cfg.histories
     world_seeds = rng.integers(0, 2**62, h, dtype=np.int64)
     proposer_seeds = rng.integers(0, 2**62, h, dtype=np.int64)
@@ -298,6 +421,9 @@ def histories(
         tally = Tally()
         effects: list[float] = []
         kept_flags: list[bool] = []
+        approved_by_sign = dict.fromkeys(SIGNS, 0)
+        rolled_back_by_sign = dict.fromkeys(SIGNS, 0)
+        verify_cases = 0
         for _ in range(cfg.steps):
             proposals = [p.propose(c) for p, c in zip(proposers, current, strict=True)]
             parsed_cur = [w.parse(c) for w, c in zip(worlds, current, strict=True)]
@@ -310,7 +436,17 @@ def histories(
                 cand_id=np.array([i for i, _ in parsed_cand], dtype=np.int64),
                 cand_success=np.array([s for _, s in parsed_cand]),
             )
-            kept = decide(batch, rule, design, cfg, rng, tally)
+            decided = decide(batch, rule, gate, cfg, rng, tally)
+            kept = decided.kept.copy()
+            if rule == GATE:
+                rows_kept = np.flatnonzero(kept)
+                rolled, cases = verify(decided, rows_kept, gate.design.repeats, cfg.verify_cases)
+                verify_cases += int(cases.sum())
+                for j, back in zip(rows_kept.tolist(), rolled.tolist(), strict=True):
+                    sign = effect_sign(proposals[j][1])
+                    approved_by_sign[sign] += 1
+                    rolled_back_by_sign[sign] += int(back)
+                kept[rows_kept[rolled]] = False
             for j, (text, effect) in enumerate(proposals):
                 effects.append(effect)
                 kept_flags.append(bool(kept[j]))
@@ -349,9 +485,24 @@ def histories(
                 "kept_per_history": float(kept_arr.sum() / h),
                 "runs_per_proposal": tally.runs / tally.decisions,
                 "buckets": buckets,
+                "verify": None
+                if rule != GATE
+                else {
+                    "approved_by_sign": approved_by_sign,
+                    "rolled_back_by_sign": rolled_back_by_sign,
+                    "checks": sum(approved_by_sign.values()),
+                    "rolled_back": sum(rolled_back_by_sign.values()),
+                    "cases": verify_cases,
+                    "runs": 2 * verify_cases * gate.design.repeats,
+                    "runs_per_proposal": 2 * verify_cases * gate.design.repeats / tally.decisions,
+                },
             }
         )
     return rows
+
+
+def effect_sign(effect: float) -> str:
+    return "worse" if effect < -1e-12 else "better" if effect > 1e-12 else "neutral"
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -372,7 +523,9 @@ def targets(
     gate_rows = [r for r in effect_rows if r["rule"] == GATE]
     for row in gate_rows:
         base, effect, rate = row["base"], row["effect"], row["keep_rate"]
-        where = f"base {base:.0%}, effect {effect:+g}: kept"
+        where = f"base {base:.0%}, {effect_label(row)}: kept"
+        if effect is None:
+            continue
         if effect == -5:
             check(f"{where} <= 1%", rate, TARGETS["effect_-5_kept_max"], rate <= 0.01)
         elif effect == 0:
@@ -384,14 +537,33 @@ def targets(
     limit = TARGETS["runs_per_decision_max"]
     for row in gate_rows:
         runs = row["runs_per_decision"]
-        name = f"base {row['base']:.0%}, effect {row['effect']:+g}: runs/decision <= {limit:.0f}"
+        name = f"base {row['base']:.0%}, {effect_label(row)}: runs/decision <= {limit:.0f}"
         check(name, runs, limit, runs <= limit)
     for row in history_rows:
         if row["rule"] == GATE:
             share = 1 - row["share_below_start"]
             name = f"histories at base {row['base']:.0%} ending >= start >= 99%"
             check(name, share, TARGETS["histories_not_below_start_min"], share >= 0.99)
+    for row in history_rows:
+        if row["rule"] == GATE:
+            runs = row["runs_per_proposal"]
+            name = f"histories at base {row['base']:.0%}: runs/decision <= {limit:.0f}"
+            check(name, runs, limit, runs <= limit)
     return checks
+
+
+def effect_label(row: dict[str, Any]) -> str:
+    """The effect actually used, and the one asked for if the cap changed it."""
+    used, asked = row["effect_used"], row["effect"]
+    if asked is None:
+        return "default proposer mix"
+    return f"effect {used:+g}" + ("" if used == asked else f" (asked {asked:+g}, capped)")
+
+
+def effect_cell(row: dict[str, Any]) -> str:
+    if row["effect"] is None:
+        return f"mix (mean {row['mean_effect']:+.1f})"
+    return f"{row['effect_used']:+g}"
 
 
 def render(
@@ -408,9 +580,22 @@ def render(
     for r in effect_rows:
         low, high = r["ci95"]
         out(
-            f"| {r['base']:.0%} | {r['effect']:+g} | {r['rule']} | {pct(r['keep_rate'], 2)} | "
+            f"| {r['base']:.0%} | {effect_cell(r)} | {r['rule']} | {pct(r['keep_rate'], 2)} | "
             f"{pct(low, 2)} to {pct(high, 2)} | {r['runs_per_decision']:.0f} | "
             f"{r['runs_per_decision'] / FIXED_TEST_RUNS:.2f} |"
+        )
+    out(
+        f"\nmix: each candidate's true effect drawn from the default proposer's "
+        f"N({cfg.proposer_mean:+g}, {cfg.proposer_sd:g}) points."
+    )
+    capped = sorted(
+        {(r["base"], r["effect"], r["effect_used"]) for r in effect_rows if r["effect"] is not None}
+        - {(r["base"], r["effect"], r["effect"]) for r in effect_rows}
+    )
+    for base, asked, used in capped:
+        out(
+            f"At base {base:.0%} the {asked:+g} effect is capped at {used:+g} "
+            f"(true success within [{MIN_SUCCESS:.0%}, {MAX_SUCCESS:.0%}])."
         )
     gate_rows = [r for r in effect_rows if r["rule"] == GATE]
     out("\nGate verdicts (share of decisions) and the mean lift shown for kept changes:\n")
@@ -420,7 +605,7 @@ def render(
         v, n = r["verdicts"], r["decisions"]
         shown = r["mean_shown_lift_of_kept"]
         out(
-            f"| {r['base']:.0%} | {r['effect']:+g} | {pct(v.get('superior', 0) / n)} | "
+            f"| {r['base']:.0%} | {effect_cell(r)} | {pct(v.get('superior', 0) / n)} | "
             f"{pct(v.get('futile', 0) / n)} | {pct(v.get('not_shown', 0) / n)} | "
             f"{'-' if shown is None else f'{100 * shown:+.1f}'} |"
         )
@@ -449,10 +634,31 @@ def render(
             f"{label}: {b['proposals']}" for label, b in zip(labels, first["buckets"], strict=True)
         )
         out(f"\nProposals per true-effect bucket (gate, base {first['base']:.0%}): {counts}")
+    out(
+        f"\nThe gate's check after applying (up to {cfg.verify_cases} fresh cases, "
+        "regression_shown): rolled back / approved, by true effect\n"
+    )
+    out(
+        "| base | worse (< 0) | neutral (= 0) | better (> 0) | fresh cases/check | "
+        "verify runs/proposal | decision + verify runs/proposal |"
+    )
+    out("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in history_rows:
+        v = r["verify"]
+        if v is None:
+            continue
+        signs = " | ".join(
+            f"{v['rolled_back_by_sign'][s]} / {v['approved_by_sign'][s]}" for s in SIGNS
+        )
+        per_check = v["cases"] / v["checks"] if v["checks"] else float("nan")
+        out(
+            f"| {r['base']:.0%} | {signs} | {per_check:.0f} | {v['runs_per_proposal']:.1f} | "
+            f"{r['runs_per_proposal'] + v['runs_per_proposal']:.0f} |"
+        )
     out("\n## Done-when targets (Ratchet's gate)\n")
     for c in checks:
         value = c["value"]
-        shown = f"{value:.0f}" if c["limit"] > 1 else pct(value, 2)
+        shown = f"{value:.1f}" if c["limit"] > 1 else pct(value, 2)
         out(f"- [{'x' if c['met'] else ' '}] {c['target']}: {shown}")
     met = sum(c["met"] for c in checks)
     out(f"\n{met} of {len(checks)} targets met.")
@@ -489,9 +695,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history-bases", default="0.5,0.8")
     parser.add_argument("--pool", type=int, default=default.pool, help="gate pool size")
     parser.add_argument("--population", type=int, default=default.population)
-    parser.add_argument("--max-cases", type=int, default=default.max_cases)
-    parser.add_argument("--looks", type=int, default=default.looks)
-    parser.add_argument("--verify-reserve", type=int, default=default.verify_reserve)
+    library = "default: the library's (design_for_pool, Design)"
+    parser.add_argument("--max-cases", type=int, default=default.max_cases, help=library)
+    parser.add_argument("--looks", type=int, default=default.looks, help=library)
+    parser.add_argument("--verify-reserve", type=int, default=default.verify_reserve, help=library)
+    parser.add_argument("--futility-cp", type=float, default=default.futility_cp, help=library)
+    parser.add_argument(
+        "--verify-cases",
+        type=int,
+        default=default.verify_cases,
+        help="fresh cases the check after applying runs",
+    )
     parser.add_argument("--deterministic-share", type=float, default=default.deterministic_share)
     parser.add_argument("--unevenness", type=float, default=default.unevenness)
     parser.add_argument("--proposer-mean", type=float, default=default.proposer_mean)
@@ -511,14 +725,15 @@ def main(argv: list[str] | None = None) -> int:
         max_cases=args.max_cases,
         looks=args.looks,
         verify_reserve=args.verify_reserve,
+        futility_cp=args.futility_cp,
+        verify_cases=args.verify_cases,
         deterministic_share=args.deterministic_share,
         unevenness=args.unevenness,
         proposer_mean=args.proposer_mean,
         proposer_sd=args.proposer_sd,
     )
-    design = design_for_pool(
-        cfg.pool, max_cases=cfg.max_cases, n_looks=cfg.looks, verify_reserve=cfg.verify_reserve
-    )
+    design = make_design(cfg)
+    gate = Gate(design)
     if cfg.pool < max(design.max_cases, SEED_TASKS, OLD_GATE):
         parser.error(f"--pool {cfg.pool} is smaller than the cases a rule needs")
     settings = {
@@ -539,9 +754,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key}: {value}")
     started = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
-    effect_rows = effect_sizes(cfg, design, rng)
+    effect_rows = effect_sizes(cfg, gate, rng)
     effects_s = time.perf_counter() - started
-    history_rows = [row for base in cfg.history_bases for row in histories(cfg, design, base, rng)]
+    history_rows = [row for base in cfg.history_bases for row in histories(cfg, gate, base, rng)]
     elapsed = time.perf_counter() - started
     checks = targets(effect_rows, history_rows)
     render(cfg, design, effect_rows, history_rows, checks, print)

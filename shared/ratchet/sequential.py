@@ -43,7 +43,10 @@ def obf_bounds(fractions: tuple[float, ...], alpha: float) -> tuple[float, ...]:
     def excess(c: float) -> float:
         return _crossing_probability(tuple(c / math.sqrt(t) for t in fractions), fractions) - alpha
 
-    c = optimize.brentq(excess, 0.5, 8.0, xtol=1e-7)
+    # the one-look boundary is a lower end for C and Bonferroni's alpha / K an upper one
+    low = float(stats.norm.isf(alpha)) - 0.01
+    high = float(stats.norm.isf(alpha / len(fractions))) + 0.01
+    c = optimize.brentq(excess, low, high, xtol=1e-7)
     return tuple(round(c / math.sqrt(t), 6) for t in fractions)
 
 
@@ -83,7 +86,7 @@ class Design:
     margin: float = 0.0  # 0: superiority; > 0: non-inferiority within this share (0.05 = 5 points)
     repeats: int = 1
     design_lift: float = 0.10  # the lift futility stopping protects the power to find
-    futility_cp: float = 0.30
+    futility_cp: float = 0.40
     efficacy_bounds: tuple[float, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -123,6 +126,11 @@ def design_for_pool(
     reserve keeps a fifth of itself instead."""
     if pool_size < 1:
         raise ValueError("the gate pool is empty")
+    if max_cases < 1 or n_looks < 1 or verify_reserve < 0:
+        raise ValueError(
+            f"need max_cases >= 1, n_looks >= 1, verify_reserve >= 0; got {max_cases}, "
+            f"{n_looks}, {verify_reserve}"
+        )
     reserve = min(verify_reserve, pool_size // 5)
     n_max = min(max_cases, pool_size - reserve)
     n_looks = max(1, min(n_looks, n_max))

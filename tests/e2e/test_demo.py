@@ -54,15 +54,20 @@ def test_demo_runs_a_full_cycle_with_the_scripted_model(
     suite = load_suite(REPO / "config" / "suites" / "demo.json")
     assert report["outcome"] == "kept"
     assert report["trail"] == kept_trail
-    measurement = report["measurement"]
-    assert isinstance(measurement, dict)
-    assert measurement["candidate"]["success_rate"] > measurement["current"]["success_rate"]
-    assert report["gate_after"] == measurement["candidate"]["success_rate"]
-    # learn runs + both gate arms + verification
-    assert report["runs"] == len(suite.learn) + 3 * len(suite.gate)
+    measurement, verified, holdout = report["measurement"], report["verified"], report["holdout"]
+    assert isinstance(measurement, dict) and isinstance(verified, dict)
+    assert isinstance(holdout, dict)
+    assert measurement["verdict"] == "superior" and measurement["lower_bound"] > 0
+    assert measurement["cases"] < len(suite.gate)  # the sequential test stopped early
+    assert verified["served"] and verified["applied_passes"] > verified["control_passes"]
+    assert holdout["cases"] == len(suite.holdout) and holdout["lift"] > 0
+    # learn runs + the decision's runs + both arms of verify and of the holdout, each once
+    assert report["runs"] == (
+        len(suite.learn) + measurement["runs"] + 2 * verified["cases"] + 2 * holdout["cases"]
+    )
     assert report["decision"] == {
         "approved": True,
-        "approver": "policy:no-regression",
+        "approver": "policy:superior",
         "reason": report["decision"]["reason"],  # type: ignore[index]
     }
 
@@ -85,7 +90,9 @@ def test_demo_on_the_real_local_model(tmp_path: Path) -> None:
     demo suite. The tiny model rarely improves anything: the test checks that the cycle ran
     and the gate decided, not that the score rose."""
     full = load_suite(REPO / "config" / "suites" / "demo.json")
-    small = full.model_copy(update={"learn": full.learn[:6], "gate": full.gate[:6]})
+    small = full.model_copy(
+        update={"learn": full.learn[:6], "gate": full.gate[:6], "holdout": full.holdout[:6]}
+    )
     suites = tmp_path / "suites"
     save_suite(small, suites / "demo.json")  # what `ratchet demo` loads by default
     report = demo(tmp_path, {"RATCHET_SUITES_DIR": str(suites)}, timeout=900)

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from ratchet import scripted
 from ratchet.contracts import Check
 from ratchet.rules import Rules, compose_system_prompt
+from ratchet.sequential import design_for_pool
 from ratchet.suites import Suite
 from ratchet.world import (
     BASE_PROMPT,
@@ -237,20 +239,55 @@ def test_the_world_proposer_proposes_a_new_world_prompt() -> None:
     assert w.parse(second)[0] == prompt_id + 1
 
 
-def test_the_drift_benchmark_runs_small(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """benchmarks/drift.py end to end at a toy size, in process (keeps the script working)."""
+@pytest.fixture
+def drift(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """benchmarks/drift.py as a module."""
     spec = importlib.util.spec_from_file_location("drift", REPO / "benchmarks" / "drift.py")
     assert spec is not None and spec.loader is not None
-    drift = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "drift", drift)  # dataclasses look their module up
-    spec.loader.exec_module(drift)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "drift", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_drift_benchmark_runs_small(
+    drift: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/drift.py end to end at a toy size, in process (keeps the script working).
+
+    It builds one design, the library's default for its pool; boundaries are cached per design,
+    so the cost is paid once per process."""
     out = tmp_path / "drift.json"
-    args = "--proposals 20 --histories 3 --steps 3 --bases 0.5 --effects=-5,10 --history-bases 0.8"
+    args = "--proposals 20 --histories 4 --steps 4 --bases 0.8 --effects=-5,20 --history-bases 0.5"
     assert drift.main([*args.split(), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert {r["rule"] for r in report["effect_sizes"]} == set(drift.RULES)
-    assert all(r["decisions"] == 20 for r in report["effect_sizes"])
+    default = design_for_pool(report["settings"]["pool"])
+    assert report["settings"]["design"]["looks"] == list(default.looks)
+    assert report["settings"]["design"]["futility_cp"] == default.futility_cp
+    rows = report["effect_sizes"]
+    assert {r["rule"] for r in rows} == set(drift.RULES)
+    assert all(r["decisions"] == 20 for r in rows)
+    assert {(r["effect"], r["effect_used"]) for r in rows} == {(-5, -5), (20, 18), (None, None)}
     assert len(report["histories"]) == len(drift.RULES)
-    assert "Done-when targets" in capsys.readouterr().out
+    gate = next(r for r in report["histories"] if r["rule"] == drift.GATE)
+    verify = gate["verify"]
+    assert verify["checks"] == sum(verify["approved_by_sign"].values())
+    assert verify["runs"] == 2 * verify["cases"]
+    assert all(r["verify"] is None for r in report["histories"] if r["rule"] != drift.GATE)
+    text = capsys.readouterr().out
+    assert "Done-when targets" in text
+    assert "effect +18 (asked +20, capped): kept >= 99%" in text
+
+
+def test_the_benchmark_gate_matches_analyse_look_by_look(drift: Any) -> None:
+    """The benchmark memoises ``analyse`` on counts; its verdicts are those of plain analyse."""
+    design = design_for_pool(220)
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.2, 0.8, (300, 1))
+    lift = rng.choice([-0.05, 0.0, 0.05, 0.1], (300, 1))
+    diffs = rng.binomial(1, np.clip(p + lift, 0, 1), (300, 200)) - rng.binomial(1, p, (300, 200))
+    fast = drift.Gate(design).decide(diffs)
+    for row, result in zip(diffs.tolist(), fast, strict=True):
+        plain = drift.gate_decide(row, design)
+        assert (result.verdict, result.n, result.z) == (plain.verdict, plain.n, plain.z)
+    assert {r.verdict for r in fast} == {"superior", "futile", "not_shown"}
