@@ -36,15 +36,26 @@ so the benchmark memoises it on those counts (same verdicts, far fewer calls).
     .venv/bin/python benchmarks/drift.py                    # full size, under a minute
     .venv/bin/python benchmarks/drift.py --proposals 500 --histories 40 --json drift.json
 
-TODO(--e2e): mode (b), end to end through the real services (nats-server, executor, evaluator,
-gatekeeper, policy approver) with ``scripted:world`` and ``scripted:world-proposer``, a few
-cycles, the same report. Not built yet.
+``--e2e``: mode (b), the same loop end to end through the real services: ``ratchet.up``'s
+nats-server and every service as a process, the executor's model ``scripted:world`` (the same
+world, ``RATCHET_WORLD__*``), the policy approver (``ratchet approver --rule superior``). Each of
+``--cycles`` cycles runs the suite's learn cases live until a failure is logged, asks the real
+proposer (``ratchet propose world``, model ``scripted:world-proposer``: true effect ~ N(-1, 6)
+points), and waits until the gatekeeper and the approver have finished the change (rejected, or
+applied, verified and kept with its holdout measured, or rolled back). Reported per cycle: the
+true effect, verdict, look, runs and outcome; at the end the final true success against the
+start, keeps by the sign of the true effect and runs per proposal. The world model's draws and
+the proposer's are not seeded, so two runs differ.
+
+    .venv/bin/python benchmarks/drift.py --e2e --cycles 6
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -54,7 +65,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -70,6 +81,11 @@ from ratchet.world import (
     level_for,
     pass_probability,
 )
+
+if TYPE_CHECKING:
+    from ratchet.settings import GateSettings
+    from ratchet.suites import Suite
+    from ratchet.up import Stack
 
 Ints = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
@@ -677,6 +693,448 @@ def parse_floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
+# --- mode (b): end to end through the real services ---------------------------------------------
+
+E2E_TASK = "world"
+TERMINAL = {"invalid", "stale", "rejected", "rolled_back"}  # and "holdout" (or "kept") after a keep
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    cycles: int = 6
+    seed: int = 0  # the world's seed and the suite's draw of cases
+    base: float = 0.5
+    pool: int = 220
+    learn: int = 10
+    holdout: int = 60
+    deterministic_share: float = 0.5
+    unevenness: float = 0.25
+    latency_s: float = 0.0
+    rule: str = "superior"
+    # None: the gatekeeper's defaults (GateSettings)
+    max_cases: int | None = None
+    looks: int | None = None
+    verify_reserve: int | None = None
+    verify_cases: int | None = None
+    cycle_timeout_s: float = 300.0
+
+
+def e2e_gate_settings(cfg: E2EConfig) -> GateSettings:
+    from ratchet.settings import GateSettings
+
+    overrides = {
+        name: value
+        for name, value in (
+            ("max_cases", cfg.max_cases),
+            ("looks", cfg.looks),
+            ("verify_reserve", cfg.verify_reserve),
+            ("verify_cases", cfg.verify_cases),
+        )
+        if value is not None
+    }
+    return GateSettings.model_validate(
+        {**overrides, "holdout_cases": max(1, cfg.holdout), "run_timeout_s": 120}
+    )
+
+
+def e2e_world_env(cfg: E2EConfig) -> dict[str, str]:
+    """``RATCHET_WORLD__*``: the world the executor's model lives in."""
+    return {
+        "RATCHET_WORLD__SEED": str(cfg.seed),
+        "RATCHET_WORLD__BASE_SUCCESS": str(cfg.base),
+        "RATCHET_WORLD__DETERMINISTIC_SHARE": str(cfg.deterministic_share),
+        "RATCHET_WORLD__UNEVENNESS": str(cfg.unevenness),
+        "RATCHET_WORLD__LATENCY_S": str(cfg.latency_s),
+    }
+
+
+def run_e2e(cfg: E2EConfig, home: Path) -> dict[str, Any]:
+    """Start the stack and the policy approver in ``home``, run the cycles, stop everything."""
+    import subprocess
+    import tempfile
+
+    from ratchet.natsproc import free_port
+    from ratchet.settings import ModelSettings, Settings, to_env
+    from ratchet.suites import Suite, save_suite
+    from ratchet.up import start_stack
+    from ratchet.world import world_suite
+
+    suite = Suite.model_validate(
+        world_suite(n_learn=cfg.learn, n_gate=cfg.pool, n_holdout=cfg.holdout, seed=cfg.seed)
+    )
+    suites_dir = Path(tempfile.mkdtemp(prefix="suites-", dir=home))
+    save_suite(suite, suites_dir / "world.json")
+    settings = Settings(
+        home=home / "home",
+        nats_url=f"nats://127.0.0.1:{free_port()}",
+        suites_dir=suites_dir,
+        agent=ModelSettings(spec="scripted:world"),
+        judge=ModelSettings(spec="scripted:judge-yes"),
+        proposer=ModelSettings(spec="scripted:world-proposer"),
+        min_failures_to_propose=1_000_000,  # proposals come from `ratchet propose` only
+        gate=e2e_gate_settings(cfg),
+    )
+    os.environ.update(e2e_world_env(cfg))  # start_stack hands its environment to every service
+    stack = start_stack(settings)
+    log = open(settings.home / "logs" / "policy-approver.log", "wb")  # noqa: SIM115
+    approver = subprocess.Popen(
+        [sys.executable, "-m", "ratchet.cli", "approver", "--rule", cfg.rule],
+        env=to_env(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        return asyncio.run(e2e_cycles(cfg, stack, suite))
+    finally:
+        approver.terminate()
+        approver.wait(timeout=10)
+        log.close()
+        stack.stop()
+
+
+async def e2e_cycles(cfg: E2EConfig, stack: Stack, suite: Suite) -> dict[str, Any]:
+    """``--cycles`` times: live traffic on the learn cases until a failure is logged, then
+    ``ratchet propose world`` (the real proposer with ``scripted:world-proposer``), then wait for
+    the gate (and the policy approver) to finish the change."""
+    from collections import Counter
+
+    from ratchet.client import fetch_trail, submit_and_wait
+    from ratchet.contracts import ChangeProposed, RunRequested
+    from ratchet.messaging import EVENTS_STREAM, connect
+    from ratchet.prompts import read_current
+    from ratchet.settings import to_env
+
+    world = World(
+        WorldSettings(
+            seed=cfg.seed,
+            base_success=cfg.base,
+            deterministic_share=cfg.deterministic_share,
+            unevenness=cfg.unevenness,
+            latency_s=cfg.latency_s,
+        )
+    )
+    assert stack.nats is not None
+    admin = await connect(stack.nats.settings_for("admin"), name="drift-e2e-admin")
+    try:  # the policy approver must be listening before the first change waits for it
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await admin.jetstream().consumer_info(EVENTS_STREAM, "policy-approver")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the policy approver never subscribed") from None
+                await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+
+    nc = await connect(stack.nats.settings_for("client"), name="drift-e2e")
+    proposals: asyncio.Queue[ChangeProposed] = asyncio.Queue()
+    gate_runs: Counter[str] = Counter()  # run.scored of gate runs seen, by change id
+
+    async def on_proposed(msg: Any) -> None:
+        await proposals.put(ChangeProposed.model_validate_json(msg.data))
+
+    async def on_scored(msg: Any) -> None:
+        data = json.loads(msg.data)
+        if data.get("context", {}).get("purpose") == "gate":
+            gate_runs[data["run_id"].split(".")[0]] += 1
+
+    await nc.subscribe("change.proposed", cb=on_proposed)
+    await nc.subscribe("run.scored", cb=on_scored)
+    await nc.flush()
+    js = nc.jetstream()
+    env = to_env(stack.settings)
+    rows: list[dict[str, Any]] = []
+    try:
+        start = await read_current(js, E2E_TASK)
+        assert start is not None
+        for cycle in range(1, cfg.cycles + 1):
+            began = time.perf_counter()
+            current = await read_current(js, E2E_TASK)
+            assert current is not None
+            # live traffic: the proposer learns from failures of the learn cases only
+            learn_runs = failures = 0
+            for _ in range(20):
+                results = await asyncio.gather(
+                    *(
+                        submit_and_wait(
+                            nc,
+                            RunRequested(task=E2E_TASK, input=case.input, check=case.check),
+                            timeout=60,
+                            threshold=stack.settings.failure_threshold,
+                        )
+                        for case in suite.learn
+                    )
+                )
+                learn_runs += len(results)
+                failures += sum(logged for _, _, logged in results)
+                if failures:
+                    break
+            asked = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "ratchet.cli",
+                "propose",
+                E2E_TASK,
+                env={**env, "COLUMNS": "200"},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            said, _ = await asyncio.wait_for(asked.communicate(), 60)
+            if asked.returncode != 0:
+                raise RuntimeError(f"ratchet propose failed: {said.decode()[-2000:]}")
+            change = await asyncio.wait_for(proposals.get(), 30)
+            trail = await e2e_wait_for_end(
+                functools.partial(fetch_trail, nc, change.change_id),
+                holdout=cfg.holdout > 0,
+                timeout=cfg.cycle_timeout_s,
+            )
+            by_kind = {r.kind: r.payload for r in trail}
+            measured = by_kind.get("measured")
+            verified = by_kind.get("verified")
+            holdout = by_kind.get("holdout")
+            outcome = next(
+                k for k in ("invalid", "stale", "rejected", "rolled_back", "kept") if k in by_kind
+            )
+            cur_success = world.true_success(current.record.text)
+            cand_success = world.true_success(change.proposed_prompt)
+            rows.append(
+                {
+                    "cycle": cycle,
+                    "change_id": change.change_id,
+                    "base_version": change.base_version,
+                    "current_success": cur_success,
+                    "candidate_success": cand_success,
+                    "true_effect": cand_success - cur_success,
+                    "verdict": measured["verdict"] if measured else None,
+                    "look": measured["stopped_at"] if measured else None,
+                    "looks": len(measured["looks"]) if measured else None,
+                    "cases": measured["cases"] if measured else 0,
+                    "runs": measured["runs"] if measured else 0,
+                    "lift": measured["lift"] if measured else None,
+                    "lower_bound": measured["lower_bound"] if measured else None,
+                    "decision": "approved"
+                    if "approved" in by_kind
+                    else "rejected"
+                    if "rejected" in by_kind
+                    else None,
+                    "approver": next(
+                        (r.actor for r in trail if r.kind in ("approved", "rejected")), None
+                    ),
+                    "outcome": outcome,
+                    "problems": by_kind.get("invalid", {}).get("problems", []),
+                    "verify_cases": verified["cases"] if verified else 0,
+                    "verify_runs": 2 * verified["cases"] * suite.repeats if verified else 0,
+                    "verify_reason": verified["reason"] if verified else None,
+                    "holdout_lift": holdout["lift"] if holdout else None,
+                    "holdout_runs": 2 * holdout["cases"] * suite.repeats if holdout else 0,
+                    "learn_runs": learn_runs,
+                    "learn_failures": failures,
+                    "gate_runs_seen": gate_runs[change.change_id],
+                    "seconds": time.perf_counter() - began,
+                }
+            )
+        final = await read_current(js, E2E_TASK)
+        assert final is not None
+        return {
+            "start_success": world.true_success(start.record.text),
+            "final_success": world.true_success(final.record.text),
+            "final_version": final.version,
+            "cycles": rows,
+        }
+    finally:
+        await nc.close()
+
+
+async def e2e_wait_for_end(fetch: Callable[[], Any], *, holdout: bool, timeout: float) -> list[Any]:
+    """The change's audit trail once it has ended (after a keep: once the holdout is in)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            trail = await fetch()
+        except Exception:  # the gatekeeper has not received the change yet
+            trail = []
+        kinds = {r.kind for r in trail}
+        if kinds & TERMINAL or ("holdout" if holdout else "kept") in kinds:
+            return list(trail)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the change did not finish within {timeout:.0f} s: {kinds}")
+        await asyncio.sleep(0.25)
+
+
+def e2e_summary(result: dict[str, Any]) -> dict[str, Any]:
+    rows = result["cycles"]
+    n = len(rows)
+    by_sign = {s: {"proposals": 0, "kept": 0, "approved": 0, "rolled_back": 0} for s in SIGNS}
+    for r in rows:
+        tally = by_sign[effect_sign(r["true_effect"])]
+        tally["proposals"] += 1
+        tally["kept"] += r["outcome"] == "kept"
+        tally["approved"] += r["decision"] == "approved"
+        tally["rolled_back"] += r["outcome"] == "rolled_back"
+    buckets = []
+    for low, high in BUCKETS:
+        inside = [r for r in rows if low <= 100 * r["true_effect"] < high]
+        kept = sum(r["outcome"] == "kept" for r in inside)
+        buckets.append(
+            {
+                "effect_points": [low, high],
+                "proposals": len(inside),
+                "kept": kept,
+                "keep_rate": kept / len(inside) if inside else None,
+            }
+        )
+    runs = sum(r["runs"] for r in rows)
+    verify = sum(r["verify_runs"] for r in rows)
+    holdout = sum(r["holdout_runs"] for r in rows)
+    return {
+        "proposals": n,
+        "kept": sum(r["outcome"] == "kept" for r in rows),
+        "by_sign": by_sign,
+        "buckets": buckets,
+        "runs_per_proposal": runs / n if n else float("nan"),
+        "verify_runs_per_proposal": verify / n if n else float("nan"),
+        "holdout_runs_per_proposal": holdout / n if n else float("nan"),
+        "learn_runs_per_proposal": sum(r["learn_runs"] for r in rows) / n if n else float("nan"),
+        "gate_runs_seen": sum(r["gate_runs_seen"] for r in rows),
+        "gate_runs_expected": runs + verify + holdout,
+    }
+
+
+def render_e2e(result: dict[str, Any], summary: dict[str, Any], out: Callable[[str], None]) -> None:
+    out("\n## Cycles (each: live learn runs until a failure, `ratchet propose world`, the gate)\n")
+    out(
+        "| cycle | change | true success: current -> candidate | true effect (pt) | verdict | "
+        "look | cases | runs | shown lift [lower bound] | decision | outcome | verify | "
+        "holdout lift | learn runs | s |"
+    )
+    out("|---:|---|---|---:|---|---:|---:|---:|---|---|---|---|---:|---:|---:|")
+    for r in result["cycles"]:
+        look = "-" if r["look"] is None else f"{r['look']}/{r['looks']}"
+        shown = (
+            "-" if r["lift"] is None else f"{100 * r['lift']:+.1f} [{100 * r['lower_bound']:+.1f}]"
+        )
+        verify = (
+            "-" if not r["verify_cases"] else f"{r['verify_cases']} cases, {r['verify_runs']} runs"
+        )
+        hold = "-" if r["holdout_lift"] is None else f"{100 * r['holdout_lift']:+.1f}"
+        out(
+            f"| {r['cycle']} | {r['change_id'][:8]} | {pct(r['current_success'], 2)} -> "
+            f"{pct(r['candidate_success'], 2)} | {100 * r['true_effect']:+.2f} | "
+            f"{r['verdict'] or '-'} | {look} | {r['cases']} | {r['runs']} | {shown} | "
+            f"{r['decision'] or '-'} | {r['outcome']} | {verify} | {hold} | {r['learn_runs']} | "
+            f"{r['seconds']:.1f} |"
+        )
+    for r in result["cycles"]:
+        if r["problems"]:
+            out(f"\ncycle {r['cycle']} invalid: {'; '.join(r['problems'])}")
+    start, final = result["start_success"], result["final_success"]
+    out("\n## The history\n")
+    labels = [bucket_label(b) for b in BUCKETS]
+    out(
+        "| base | rule | start | final | change pt | ended below start | kept/history | "
+        "runs/proposal | kept by true effect (pt): " + ", ".join(labels) + " |"
+    )
+    out("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+    by_bucket = ", ".join(
+        "-" if b["keep_rate"] is None else f"{b['kept']}/{b['proposals']}"
+        for b in summary["buckets"]
+    )
+    out(
+        f"| {start:.0%} | {GATE} (e2e) | {pct(start, 2)} | {pct(final, 2)} | "
+        f"{100 * (final - start):+.2f} | {'yes' if final < start - 1e-12 else 'no'} | "
+        f"{summary['kept']} of {summary['proposals']} | {summary['runs_per_proposal']:.0f} | "
+        f"{by_bucket} |"
+    )
+    out("\nKept / proposals by the sign of the true effect, and the check after applying:\n")
+    out("| true effect | proposals | approved | rolled back by verify | kept |")
+    out("|---|---:|---:|---:|---:|")
+    for sign in SIGNS:
+        t = summary["by_sign"][sign]
+        out(f"| {sign} | {t['proposals']} | {t['approved']} | {t['rolled_back']} | {t['kept']} |")
+    out(
+        f"\nModel runs per proposal: decision {summary['runs_per_proposal']:.0f}, verify "
+        f"{summary['verify_runs_per_proposal']:.1f}, holdout "
+        f"{summary['holdout_runs_per_proposal']:.1f}, live learn runs "
+        f"{summary['learn_runs_per_proposal']:.1f}. Gate runs scored, seen by a client "
+        f"subscription: {summary['gate_runs_seen']} (decision + verify + holdout: "
+        f"{summary['gate_runs_expected']})."
+    )
+
+
+def e2e_main(cfg: E2EConfig, json_path: Path | None, keep_home: bool) -> int:
+    import shutil
+    import tempfile
+
+    from ratchet.sequential import design_for_pool
+
+    gate = e2e_gate_settings(cfg)
+    design = design_for_pool(
+        cfg.pool,
+        max_cases=gate.max_cases,
+        n_looks=gate.looks,
+        verify_reserve=gate.verify_reserve,
+        alpha=gate.alpha,
+    )
+    settings = {
+        **asdict(cfg),
+        "world_env": e2e_world_env(cfg),
+        "suite": f"ratchet.world.world_suite(n_learn={cfg.learn}, n_gate={cfg.pool}, "
+        f"n_holdout={cfg.holdout}, seed={cfg.seed}), repeats 1",
+        "models": {
+            "agent": "scripted:world (FAKE; draws unseeded)",
+            "judge": "scripted:judge-yes (unused: every case has an exact check)",
+            "proposer": "scripted:world-proposer (FAKE; true effect ~ N(-1, 6) points, unseeded)",
+        },
+        "approver": f"ratchet approver --rule {cfg.rule}",
+        "gate": gate.model_dump(),
+        "design": {
+            "looks": design.looks,
+            "alpha": design.alpha,
+            "repeats": design.repeats,
+            "design_lift": design.design_lift,
+            "futility_cp": design.futility_cp,
+            "efficacy_bounds": design.efficacy_bounds,
+        },
+    }
+    print(
+        "# Drift benchmark, end to end: the gate through the real services against a FAKE "
+        "ground-truth world (ratchet.world)\n"
+    )
+    for key, value in settings.items():
+        print(f"{key}: {value}")
+    home = Path(tempfile.mkdtemp(prefix="ratchet-drift-e2e-"))
+    started = time.perf_counter()
+    try:
+        result = run_e2e(cfg, home)
+    except BaseException:
+        print(f"\nfailed; logs kept in {home}/home/logs", file=sys.stderr)
+        raise
+    elapsed = time.perf_counter() - started
+    summary = e2e_summary(result)
+    render_e2e(result, summary, print)
+    print(
+        f"\nelapsed {elapsed:.0f} s (stack start-up included); python "
+        f"{platform.python_version()}, {os.cpu_count()} cpus"
+    )
+    if keep_home:
+        print(f"state and logs kept in {home}")
+    else:
+        shutil.rmtree(home, ignore_errors=True)
+    if json_path:
+        json_path.write_text(
+            json.dumps(
+                {"settings": settings, **result, "summary": summary, "elapsed_s": elapsed},
+                indent=2,
+                default=float,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     default = Config()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -711,7 +1169,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proposer-mean", type=float, default=default.proposer_mean)
     parser.add_argument("--proposer-sd", type=float, default=default.proposer_sd)
     parser.add_argument("--json", type=Path, help="write the numbers to this file")
+    e2e = parser.add_argument_group(
+        "end to end (--e2e)",
+        "mode (b): a real nats-server, every service and the policy approver, with the world "
+        "model; "
+        "--seed, --pool, --max-cases, --looks, --verify-reserve, --verify-cases, "
+        "--deterministic-share, --unevenness and --json apply too",
+    )
+    e2e.add_argument("--e2e", action="store_true", help="run through the real services")
+    e2e.add_argument("--cycles", type=int, default=E2EConfig.cycles, help="proposals, in order")
+    e2e.add_argument("--base", type=float, default=E2EConfig.base, help="the base prompt's success")
+    e2e.add_argument("--learn", type=int, default=E2EConfig.learn, help="learn cases (live runs)")
+    e2e.add_argument("--holdout", type=int, default=E2EConfig.holdout, help="holdout cases")
+    e2e.add_argument("--latency", type=float, default=E2EConfig.latency_s, help="s per model call")
+    e2e.add_argument("--rule", default=E2EConfig.rule, help="the policy approver's rule")
+    e2e.add_argument("--keep-home", action="store_true", help="keep the stack's state and logs")
     args = parser.parse_args(argv)
+    if args.e2e:
+        if args.futility_cp is not None:
+            parser.error("--futility-cp is not a service setting; the services use the library's")
+        if args.cycles < 1 or args.learn < 1:
+            parser.error("--cycles and --learn must be at least 1")
+        return e2e_main(
+            E2EConfig(
+                cycles=args.cycles,
+                seed=args.seed,
+                base=args.base,
+                pool=args.pool,
+                learn=args.learn,
+                holdout=args.holdout,
+                deterministic_share=args.deterministic_share,
+                unevenness=args.unevenness,
+                latency_s=args.latency,
+                rule=args.rule,
+                max_cases=args.max_cases,
+                looks=args.looks,
+                verify_reserve=args.verify_reserve,
+                verify_cases=args.verify_cases,
+            ),
+            args.json,
+            args.keep_home,
+        )
     cfg = Config(
         seed=args.seed,
         proposals=args.proposals,
