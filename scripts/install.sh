@@ -9,4 +9,12 @@ if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
+# llama.cpp's default build uses every instruction the CPU reports; some virtual machines report
+# AMX but trap it (the model server dies with SIGILL on its first request). Build for a portable
+# x86-64 set instead (AVX2), and rebuild a native build that a pip cache may hold.
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 .venv/bin/python -m pip install --quiet -e '.[dev]'
+if ! .venv/bin/python -c 'import sys, llama_cpp; sys.exit(b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info())'; then
+  echo "rebuilding llama-cpp-python without AMX (about 6 minutes)" >&2
+  .venv/bin/python -m pip install --quiet --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python[server]>=0.3.7'
+fi

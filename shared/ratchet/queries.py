@@ -46,7 +46,9 @@ def summarize(records: list[AuditRecord]) -> list[ChangeSummary]:
     summaries = []
     for change_id, trail in by_change.items():
         task = next((str(r.payload["task"]) for r in trail if "task" in r.payload), "?")
-        steps = [r for r in trail if r.kind not in NOT_A_STATUS] or trail
+        steps = [r for r in trail if r.kind not in NOT_A_STATUS]
+        if not steps:  # only refused decisions: no change of that id reached the gatekeeper
+            continue
         summaries.append(
             ChangeSummary(
                 change_id=change_id, task=task, status=steps[-1].kind, updated_at=trail[-1].at

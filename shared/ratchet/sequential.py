@@ -12,8 +12,9 @@ O'Brien-Fleming-type boundaries (``C / sqrt(t)`` at information fraction ``t``),
 chosen so the chance of ever crossing under the null is ``alpha`` (one-sided): early looks demand
 overwhelming evidence, the last one little more than a fixed test would. Between looks, the test
 stops for futility when the conditional power to show ``design_lift`` has fallen below
-``futility_cp``; futility never adds false approvals (it is non-binding: the boundaries ignore
-it), it only spends fewer runs on changes that will not make it.
+``futility_cp`` while the estimate is still below that lift; futility never adds false approvals
+(it is non-binding: the boundaries ignore it), it only spends fewer runs on changes that will
+not make it.
 
 Bounds reported with a verdict invert the same statistic, so "superior" and "lower bound above
 zero" always agree. The lower bound uses the look's efficacy boundary (a repeated confidence
@@ -34,6 +35,7 @@ import numpy as np
 from scipy import optimize, stats
 
 Verdict = Literal["continue", "superior", "non_inferior", "futile", "not_shown"]
+MIN_LOOK_CASES = 10  # fewer cases between looks tell too little to be worth a stop
 
 
 @lru_cache(maxsize=128)
@@ -123,7 +125,8 @@ def design_for_pool(
 ) -> Design:
     """Evenly spaced looks up to ``max_cases``, leaving ``verify_reserve`` cases of the pool
     unused by the decision (fresh cases for the check after applying). A pool too small for the
-    reserve keeps a fifth of itself instead."""
+    reserve keeps a fifth of itself instead, and looks are at least ``MIN_LOOK_CASES`` apart
+    (a small pool gets fewer looks; a tiny one a single, fixed-size test)."""
     if pool_size < 1:
         raise ValueError("the gate pool is empty")
     if max_cases < 1 or n_looks < 1 or verify_reserve < 0:
@@ -133,7 +136,7 @@ def design_for_pool(
         )
     reserve = min(verify_reserve, pool_size // 5)
     n_max = min(max_cases, pool_size - reserve)
-    n_looks = max(1, min(n_looks, n_max))
+    n_looks = max(1, min(n_looks, n_max // MIN_LOOK_CASES))
     looks = tuple(sorted({max(1, round(n_max * k / n_looks)) for k in range(1, n_looks + 1)}))
     return Design(looks=looks, alpha=alpha, margin=margin, repeats=repeats)
 
@@ -189,7 +192,7 @@ def analyse(diffs: Sequence[int], design: Design, look: int) -> LookResult:
         verdict = "superior" if m == 0 else "non_inferior"
     elif last:
         verdict = "not_shown"
-    elif cp is not None and cp < design.futility_cp:
+    elif cp is not None and cp < design.futility_cp and not _on_track(diffs, design):
         verdict = "futile"
     else:
         verdict = "continue"
@@ -205,6 +208,13 @@ def analyse(diffs: Sequence[int], design: Design, look: int) -> LookResult:
         ci95=paired_interval(diffs, r, 1.959964),
         verdict=verdict,
     )
+
+
+def _on_track(diffs: Sequence[int], design: Design) -> bool:
+    """Is the estimate already at the lift the design hopes for? Then futility never stops it:
+    on few cases the conditional power under ``design_lift`` can be low even for a large lift."""
+    target = design.design_lift if design.margin == 0 else 0.0
+    return sum(diffs) / (len(diffs) * design.repeats) >= target
 
 
 def _conditional_power(diffs: Sequence[int], design: Design, z: float, n: int) -> float:

@@ -123,6 +123,8 @@ def test_a_bigbench_task_imported_from_the_cli_runs_a_cycle(tmp_path: Path) -> N
             "20",
             "--learn-size",
             "20",
+            "--holdout-size",
+            "20",
         ],
         env={**os.environ, "RATCHET_SUITES_DIR": str(suites)},
         capture_output=True,
@@ -131,7 +133,7 @@ def test_a_bigbench_task_imported_from_the_cli_runs_a_cycle(tmp_path: Path) -> N
     )
     assert imported.returncode == 0, imported.stderr
     suite = load_suite(suites / "counting.json")
-    assert len(suite.gate) == 20 and len(suite.learn) == 20
+    assert (len(suite.gate), len(suite.learn), len(suite.holdout)) == (20, 20, 20)
     report = demo(
         tmp_path,
         {
@@ -145,4 +147,10 @@ def test_a_bigbench_task_imported_from_the_cli_runs_a_cycle(tmp_path: Path) -> N
         timeout=300,
     )
     assert report["task"] == "counting" and report["outcome"] == "kept"
-    assert report["runs"] == 20 + 3 * 20
+    measurement, verified, holdout = report["measurement"], report["verified"], report["holdout"]
+    assert isinstance(measurement, dict) and isinstance(verified, dict)
+    assert isinstance(holdout, dict)
+    # a 20-case pool: one fixed-size look of 16 cases, 4 fresh ones kept back for verify
+    assert measurement["looks"] == [16] and verified["cases"] == 4 and verified["fresh"]
+    assert holdout["cases"] == 20
+    assert report["runs"] == 20 + 2 * 16 + 2 * 4 + 2 * 20

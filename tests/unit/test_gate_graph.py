@@ -652,13 +652,16 @@ async def test_decision_naming_other_evidence_is_refused_and_the_change_still_wa
     assert kinds == [*KEPT[:3], "decision_refused", *KEPT[3:]]
 
 
-async def test_decision_for_an_unknown_change_is_ignored(harness: Harness) -> None:
+async def test_decision_for_an_unknown_change_is_refused_and_audited(harness: Harness) -> None:
     h = harness
     ghost = ChangeApproved(
         change_id="no-such-change", approver="alice", reason="?", evidence_sha256="0" * 64
     )
     assert await h.runner.on_decision(ghost, approved=True) is False
-    assert await h.store.audit("no-such-change") == []
+    assert await h.runner.on_decision(ghost, approved=True) is False  # redelivered
+    trail = await h.store.audit("no-such-change")
+    assert [(r.kind, r.actor) for r in trail] == [("decision_refused", "alice")]
+    assert "no such change" in trail[0].payload["why"]
     assert h.prompts.writes == [] and h.bus.events == []
 
 

@@ -84,3 +84,17 @@ async def test_summarize_reads_a_real_audit_trail(tmp_path: Path) -> None:
         ("new", "t2", "kept"),
         ("old", "t1", "rolled_back"),
     ]
+
+
+def test_reports_that_do_not_move_a_change_are_not_its_status() -> None:
+    records = trail(
+        ("a", "proposed", {"task": "answer-only"}),
+        ("a", "kept", {}),
+        ("a", "holdout", {"lift": 0.1}),
+        ("a", "decision_refused", {"why": "late"}),
+        ("ghost", "decision_refused", {"why": "no such change"}),
+    )
+
+    summaries = summarize(records)
+
+    assert [(s.change_id, s.status) for s in summaries] == [("a", "kept")]

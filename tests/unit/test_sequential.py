@@ -276,8 +276,9 @@ def no_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
         (220, (25, 50, 75, 100, 125, 150, 175, 200)),
         (500, (25, 50, 75, 100, 125, 150, 175, 200)),  # never more than max_cases
         (160, (18, 35, 52, 70, 88, 105, 122, 140)),  # 20 kept back for verify
-        (50, (5, 10, 15, 20, 25, 30, 35, 40)),  # a fifth kept back
-        (4, (1, 2, 3, 4)),  # too small for a reserve or eight looks
+        (50, (10, 20, 30, 40)),  # a fifth kept back; looks at least 10 cases apart
+        (20, (16,)),  # one fixed-size test
+        (4, (4,)),  # too small for a reserve or a second look
         (1, (1,)),
     ],
 )
@@ -341,3 +342,14 @@ def test_regression_shown_agrees_with_its_upper_bound() -> None:
         if diffs.any():  # all ties: a zero-width interval at 0, and no regression
             assert shown == (upper <= 0)
     assert outcomes == {True, False}
+
+
+def test_futility_never_stops_a_change_already_at_the_design_lift() -> None:
+    """On few cases the conditional power under a 10-point lift is low even when every case
+    improved; stopping then would throw away the clearest evidence there is."""
+    design = Design(looks=(2, 4, 6, 8, 10, 12, 14, 16))  # eight looks on a 20-case pool
+    all_fixed = analyse([1] * 2, design, 1)
+    assert all_fixed.verdict == "continue"
+    assert all_fixed.conditional_power is not None
+    assert all_fixed.conditional_power < design.futility_cp  # it would have stopped before
+    assert analyse([1] * 8, design, 4).verdict == "superior"

@@ -164,28 +164,28 @@ class Gate:
         publish, checks come from the gatekeeper's own suites, and only gate scores of runs it
         issued count (:class:`GateLedger`), so nobody can run or score a gate run in its place."""
         repeats = self.suites[change.task].repeats
-        requests = {
-            f"{change.change_id}.{nonce}.{stage}.{arm}.{case.id}.{repeat}": GateRunRequested(
-                id=f"{change.change_id}.{nonce}.{stage}.{arm}.{case.id}.{repeat}.requested",
-                run_id=f"{change.change_id}.{nonce}.{stage}.{arm}.{case.id}.{repeat}",
-                task=change.task,
-                input=case.input,
-                check=case.check,
-                candidate_prompt=spec.prompt,
-                min_prompt_version=spec.min_version,
-                context=RunContext(
-                    purpose="gate",
-                    change_id=change.change_id,
-                    case_id=case.id,
-                    stage=stage,
-                    arm=arm,
-                    repeat=repeat,
-                ),
-            )
-            for case in cases
-            for arm, spec in arms.items()
-            for repeat in range(repeats)
-        }
+        requests: dict[str, GateRunRequested] = {}
+        for case in cases:
+            for arm, spec in arms.items():
+                for repeat in range(repeats):
+                    run_id = f"{change.change_id}.{nonce}.{stage}.{arm}.{case.id}.{repeat}"
+                    requests[run_id] = GateRunRequested(
+                        id=f"{run_id}.requested",
+                        run_id=run_id,
+                        task=change.task,
+                        input=case.input,
+                        check=case.check,
+                        candidate_prompt=spec.prompt,
+                        min_prompt_version=spec.min_version,
+                        context=RunContext(
+                            purpose="gate",
+                            change_id=change.change_id,
+                            case_id=case.id,
+                            stage=stage,
+                            arm=arm,
+                            repeat=repeat,
+                        ),
+                    )
         to_request = await self.ledger.issue(change.change_id, list(requests))
         await asyncio.gather(*(self.publish(requests[run_id]) for run_id in to_request))
         scores = await self.ledger.wait(list(requests), self.settings.run_timeout_s)

@@ -57,8 +57,7 @@ class GateRunner:
         names other evidence than the gate measured."""
         values, _ = await self.status(decision.change_id)
         if not values:
-            log.warning("decision for %s ignored: no such change", decision.change_id)
-            return False
+            return await self._refuse(decision, "no such change (yet): nothing to decide on")
         evidence = values.get("evidence_sha256")
         if evidence is None:
             return await self._refuse(decision, "no evidence yet: the change is being measured")
