@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from nats.aio.client import Client
 from pydantic import TypeAdapter
 from rich.console import Console
 from rich.table import Table
@@ -38,7 +39,7 @@ from ratchet.contracts import (
 )
 from ratchet.evidence import describe, describe_after
 from ratchet.messaging import QUERY_PREFIX
-from ratchet.prompts import read_history
+from ratchet.prompts import read_current, read_history
 from ratchet.queries import ChangesQuery, ChangeSummary, ProposeReply, ProposeRequest
 from ratchet.settings import get_settings
 from ratchet.store import AuditRecord, FailureQuery, FailureRecord, open_store
@@ -208,6 +209,10 @@ async def cmd_groups(args: argparse.Namespace) -> int:
 
 
 async def cmd_propose(args: argparse.Namespace) -> int:
+    if args.prompt is not None:
+        return await propose_own(args)
+    if args.margin is not None:
+        raise ClientError("--margin goes with --prompt (a change of your own)")
     reply = await query(
         f"{QUERY_PREFIX}.propose",
         ProposeRequest(task=args.task),
@@ -217,14 +222,48 @@ async def cmd_propose(args: argparse.Namespace) -> int:
     if reply.change is None:
         raise ClientError(reply.error or "the proposer made no proposal")
     change = reply.change
-    console.print(
-        f"proposed change [bold]{change.change_id}[/] for {change.task} (from "
-        f"v{change.base_version})"
-    )
-    console.print(f"[bold]prompt:[/] {change.proposed_prompt}")
-    console.print(f"[bold]why:[/] {change.rationale}")
+    plain(f"proposed change {change.change_id} for {change.task} (from v{change.base_version})")
+    plain(f"prompt: {change.proposed_prompt}")
+    plain(f"why: {change.rationale}")
     console.print("the gatekeeper now measures it; see `ratchet changes`")
     return 0
+
+
+async def propose_own(args: argparse.Namespace) -> int:
+    """A person's own proposal: it goes through the same gate. With ``--margin`` it is a change
+    made for another reason than being better (shorter, cheaper), kept if shown no worse."""
+    if args.margin is not None and not 0 < args.margin <= 0.2:
+        raise ClientError(f"--margin must be above 0 and at most 0.2, got {args.margin}")
+    nc = await open_client(client_settings())
+    try:
+        current = await read_current(nc.jetstream(), args.task)
+        if current is None:
+            raise ClientError(f"no prompt stored for task {args.task!r}")
+        change = ChangeProposed(
+            task=args.task,
+            base_version=current.version,
+            proposed_prompt=args.prompt,
+            rationale=args.because,
+            proposer=f"cli:{getpass.getuser()}",
+            margin=args.margin or 0.0,
+        )
+        await publish_change(nc, change)
+    finally:
+        await nc.close()
+    test = f"non-inferiority, margin {change.margin:.0%}" if change.margin else "superiority"
+    console.print(
+        f"proposed change {change.change_id} ({test} test); the gatekeeper now measures it"
+    )
+    return 0
+
+
+async def publish_change(nc: Client, change: ChangeProposed) -> None:
+    await nc.jetstream().publish(
+        change.subject,
+        change.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": f"{change.subject}:{change.id}"},
+        timeout=5,
+    )
 
 
 async def cmd_changes(args: argparse.Namespace) -> int:
@@ -338,12 +377,7 @@ async def cmd_prompts(args: argparse.Namespace) -> int:
                 proposer=f"cli:{getpass.getuser()}",
                 margin=settings.gate.rollback_margin,  # kept if shown no worse: needs a person
             )
-            await nc.jetstream().publish(
-                change.subject,
-                change.model_dump_json().encode(),
-                headers={"Nats-Msg-Id": f"{change.subject}:{change.id}"},
-                timeout=5,
-            )
+            await publish_change(nc, change)
             console.print(
                 f"proposed rollback as change {change.change_id}: it goes through the gate "
                 f"(a non-inferiority test, margin {change.margin:.0%}) and needs a person's "
@@ -560,8 +594,18 @@ def build_parser() -> argparse.ArgumentParser:
     groups.add_argument("--json", action="store_true")
     groups.set_defaults(handler=cmd_groups, is_async=True)
 
-    propose = sub.add_parser("propose", help="ask the proposer for a change to a task prompt now")
+    propose = sub.add_parser(
+        "propose", help="ask the proposer for a change to a task prompt now, or propose your own"
+    )
     propose.add_argument("task")
+    propose.add_argument("--prompt", help="your own task prompt (it goes through the same gate)")
+    propose.add_argument("--because", default="proposed by hand", help="why, for the audit")
+    propose.add_argument(
+        "--margin",
+        type=float,
+        help="a change made for another reason (shorter, cheaper): kept if shown no worse than "
+        "this share (e.g. 0.05); it always needs a person's approval",
+    )
     propose.set_defaults(handler=cmd_propose, is_async=True)
 
     changes = sub.add_parser("changes", help="list changes and their status")

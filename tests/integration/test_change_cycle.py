@@ -222,3 +222,27 @@ async def test_a_proposal_against_the_rules_is_refused_before_measuring(
     assert "measured" not in kinds
     shown = cli(stack, "show", invalid["change_id"])
     assert "contradicts the pinned rules" in shown.stdout
+
+
+@pytest.mark.parametrize("stack", ["proposer-fix"], indirect=True)
+async def test_a_persons_own_change_for_another_reason_is_tested_for_non_inferiority(
+    stack: Stack, client: Client
+) -> None:
+    """A shorter prompt that answers the same way: no better, no worse, kept by a person."""
+    proposed = cli(
+        stack, "propose", DEMO.name, "--prompt", "Help.", "--because", "shorter", "--margin", "0.05"
+    )
+    assert proposed.returncode == 0, proposed.stderr
+    assert "non-inferiority, margin 5%" in proposed.stdout
+    waiting = await wait_for_status(stack, {"awaiting_approval", "invalid"})
+    assert waiting["status"] == "awaiting_approval"
+    shown = cli(stack, "show", waiting["change_id"])
+    assert "verdict: shown no worse than the margin (non-inferiority, margin 5%" in shown.stdout
+    assert "by: cli:" in shown.stdout
+
+    approved = cli(stack, "approve", waiting["change_id"], "--reason", "shorter, same answers")
+    assert approved.returncode == 0, approved.stderr
+    kept = await wait_for_status(stack, {"kept", "rolled_back"})
+    assert kept["status"] == "kept"
+    current = await read_current(client.jetstream(), DEMO.name)
+    assert current is not None and current.record.text == "Help."
