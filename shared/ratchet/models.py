@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 
@@ -43,12 +44,28 @@ def local_base_url(port: int) -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
+def _compatible_chat_model(**kwargs: Any) -> BaseChatModel:
+    """An OpenAI-compatible server's chat model. LangChain sends the token limit as OpenAI's newer
+    ``max_completion_tokens``, which llama.cpp's server (and other compatible servers) ignore: a
+    request for 5 tokens came back with 864. These servers read ``max_tokens``."""
+    from langchain_openai import ChatOpenAI
+
+    class CompatibleChatOpenAI(ChatOpenAI):
+        def _get_request_payload(
+            self, input_: Any, *, stop: list[str] | None = None, **kw: Any
+        ) -> dict[str, Any]:
+            payload: dict[str, Any] = super()._get_request_payload(input_, stop=stop, **kw)
+            if "max_completion_tokens" in payload:
+                payload["max_tokens"] = payload.pop("max_completion_tokens")
+            return payload
+
+    return CompatibleChatOpenAI(**kwargs)
+
+
 def make_chat_model(config: ModelSettings, *, local_port: int = 8088) -> BaseChatModel:
     provider, _, name = config.spec.partition(":")
     if provider == "local":
-        from langchain_openai import ChatOpenAI
-
-        return ChatOpenAI(
+        return _compatible_chat_model(
             model=LOCAL_MODEL_NAME,
             base_url=config.base_url or local_base_url(local_port),
             api_key="local",
@@ -59,12 +76,13 @@ def make_chat_model(config: ModelSettings, *, local_port: int = 8088) -> BaseCha
         )
     if not name:
         raise ModelConfigError(f"model spec {config.spec!r} needs a model name: provider:model")
+    if provider == "openai-compatible" and not config.base_url:
+        raise ModelConfigError("openai-compatible models need base_url")
     if provider in ("openai", "openai-compatible"):
         from langchain_openai import ChatOpenAI
 
-        if provider == "openai-compatible" and not config.base_url:
-            raise ModelConfigError("openai-compatible models need base_url")
-        return ChatOpenAI(
+        make = ChatOpenAI if provider == "openai" else _compatible_chat_model
+        return make(
             model=name,
             base_url=config.base_url,
             api_key=config.api_key or ("none" if config.base_url else None),

@@ -78,3 +78,19 @@ async def test_the_local_judge_scores_or_records_why_not(local_stack: Stack) -> 
         assert (score.score is None) == (score.unscored_reason is not None)
     finally:
         await nc.close()
+
+
+async def test_the_local_model_keeps_to_its_token_limit(local_stack: Stack) -> None:
+    """llama.cpp's server reads ``max_tokens``; sent as ``max_completion_tokens`` the limit was
+    ignored and a 5-token request came back with hundreds of tokens."""
+    from langchain_core.messages import HumanMessage
+
+    from ratchet.models import make_chat_model
+    from ratchet.settings import ModelSettings
+
+    model = make_chat_model(
+        ModelSettings(spec="local", max_tokens=5), local_port=local_stack.settings.local_model_port
+    )
+    reply = await model.ainvoke([HumanMessage("Write a long story about a dragon, in detail.")])
+    assert reply.usage_metadata is not None
+    assert 0 < reply.usage_metadata["output_tokens"] <= 5
