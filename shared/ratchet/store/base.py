@@ -16,7 +16,7 @@ from typing import Any, Self
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import to_jsonable_python
 
-from ratchet.audit import canonical_json
+from ratchet.audit import GENESIS_HASH, canonical_json, record_hash
 from ratchet.contracts import RunCompleted, RunScored, TraceStep, utcnow
 
 
@@ -86,6 +86,28 @@ def jsonable_payload(payload: dict[str, Any]) -> dict[str, Any]:
     """
     normalized: dict[str, Any] = json.loads(canonical_json(to_jsonable_python(payload)))
     return normalized
+
+
+def next_audit_record(
+    head: tuple[int, str] | None, change_id: str, kind: str, actor: str, payload: dict[str, Any]
+) -> AuditRecord:
+    """The record that follows ``head`` (its seq and hash; None for the first) in the hash chain.
+
+    Built here and nowhere else, so every backend stores exactly what
+    :func:`ratchet.audit.verify_chain` checks; a backend only finds the head and stores the row."""
+    seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
+    payload = jsonable_payload(payload)
+    at = utcnow()
+    return AuditRecord(
+        seq=seq,
+        change_id=change_id,
+        kind=kind,
+        actor=actor,
+        payload=payload,
+        at=at,
+        prev_hash=prev_hash,
+        hash=record_hash(prev_hash, seq, change_id, kind, actor, payload, at),
+    )
 
 
 class Store(ABC):

@@ -20,15 +20,15 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from ratchet.audit import GENESIS_HASH, record_hash, utc_text
-from ratchet.contracts import RunCompleted, RunScored, utcnow
+from ratchet.audit import utc_text
+from ratchet.contracts import RunCompleted, RunScored
 from ratchet.store.base import (
     AuditRecord,
     FailureQuery,
     FailureRecord,
     Store,
     StoredRun,
-    jsonable_payload,
+    next_audit_record,
 )
 
 DEFAULT_DATABASE = "ratchet"
@@ -161,31 +161,21 @@ class MongoStore(Store):
         self, change_id: str, kind: str, actor: str, payload: dict[str, Any]
     ) -> AuditRecord:
         await self._ready()
-        payload = jsonable_payload(payload)
         for _ in range(APPEND_ATTEMPTS):
             head = await self._audit.find_one({}, sort=[("_id", DESCENDING)])
-            seq, prev_hash = (head["_id"] + 1, head["hash"]) if head else (1, GENESIS_HASH)
-            at = utcnow()
-            record = AuditRecord(
-                seq=seq,
-                change_id=change_id,
-                kind=kind,
-                actor=actor,
-                payload=payload,
-                at=at,
-                prev_hash=prev_hash,
-                hash=record_hash(prev_hash, seq, change_id, kind, actor, payload, at),
+            record = next_audit_record(
+                (head["_id"], head["hash"]) if head else None, change_id, kind, actor, payload
             )
             try:
                 await self._audit.insert_one(
                     {
-                        "_id": seq,
-                        "change_id": change_id,
-                        "kind": kind,
-                        "actor": actor,
-                        "payload": json.dumps(payload),
-                        "at": utc_text(at),
-                        "prev_hash": prev_hash,
+                        "_id": record.seq,
+                        "change_id": record.change_id,
+                        "kind": record.kind,
+                        "actor": record.actor,
+                        "payload": json.dumps(record.payload),
+                        "at": utc_text(record.at),
+                        "prev_hash": record.prev_hash,
                         "hash": record.hash,
                     }
                 )

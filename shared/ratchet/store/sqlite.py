@@ -16,15 +16,15 @@ from typing import Any
 
 import aiosqlite
 
-from ratchet.audit import GENESIS_HASH, record_hash, utc_text
-from ratchet.contracts import RunCompleted, RunScored, utcnow
+from ratchet.audit import utc_text
+from ratchet.contracts import RunCompleted, RunScored
 from ratchet.store.base import (
     AuditRecord,
     FailureQuery,
     FailureRecord,
     Store,
     StoredRun,
-    jsonable_payload,
+    next_audit_record,
 )
 
 BUSY_TIMEOUT_MS = 30_000
@@ -194,7 +194,6 @@ class SqliteStore(Store):
     async def append_audit(
         self, change_id: str, kind: str, actor: str, payload: dict[str, Any]
     ) -> AuditRecord:
-        payload = jsonable_payload(payload)
         db = await self._conn()
         async with self._write_lock:
             await db.execute("BEGIN IMMEDIATE")
@@ -203,28 +202,19 @@ class SqliteStore(Store):
                     "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
                 )
                 head = next(iter(heads), None)
-                seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
-                at = utcnow()
-                record = AuditRecord(
-                    seq=seq,
-                    change_id=change_id,
-                    kind=kind,
-                    actor=actor,
-                    payload=payload,
-                    at=at,
-                    prev_hash=prev_hash,
-                    hash=record_hash(prev_hash, seq, change_id, kind, actor, payload, at),
+                record = next_audit_record(
+                    (head[0], head[1]) if head else None, change_id, kind, actor, payload
                 )
                 await db.execute(
                     f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        seq,
-                        change_id,
-                        kind,
-                        actor,
-                        json.dumps(payload),
-                        utc_text(at),
-                        prev_hash,
+                        record.seq,
+                        record.change_id,
+                        record.kind,
+                        record.actor,
+                        json.dumps(record.payload),
+                        utc_text(record.at),
+                        record.prev_hash,
                         record.hash,
                     ),
                 )
