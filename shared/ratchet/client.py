@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import nats
 from nats.aio.client import Client
+from nats.js.errors import NoStreamResponseError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from ratchet.contracts import (
@@ -18,7 +22,6 @@ from ratchet.contracts import (
     RunScored,
 )
 from ratchet.messaging import QUERY_PREFIX, connect
-from ratchet.natsproc import load_credentials
 from ratchet.queries import ChangeQuery
 from ratchet.settings import Settings, get_settings
 from ratchet.store import AuditRecord
@@ -31,25 +34,71 @@ class ClientError(Exception):
 
 
 def client_settings(role: str = "client") -> Settings:
-    """The CLI's NATS identity: from the environment, else from ``ratchet up``'s credentials."""
+    """The CLI's NATS identity, for a command that acts as ``role``.
+
+    A user named in the environment (``RATCHET_NATS_USER``) wins: the server then decides what it
+    may do, and a command that acts as another role says which user it used. Its password is
+    ``RATCHET_NATS_PASSWORD``, else the one ``ratchet up`` keeps for that user. With no user named,
+    the command logs in as ``role`` with ``ratchet up``'s credentials.
+    """
+    from ratchet.natsproc import load_credentials  # natsproc's errors are ClientErrors
+
     settings = get_settings()
-    if settings.nats_user:
+    if settings.nats_user and settings.nats_password is not None:
         return settings
+    user = settings.nats_user or role
     try:
         passwords = load_credentials(settings.home)
     except FileNotFoundError as exc:
+        if settings.nats_user:
+            raise ClientError(
+                f"RATCHET_NATS_USER is {user!r} but RATCHET_NATS_PASSWORD is not set, and {exc}"
+            ) from exc
         raise ClientError(str(exc)) from exc
-    return settings.model_copy(update={"nats_user": role, "nats_password": passwords[role]})
+    if user not in passwords:
+        raise ClientError(
+            f"RATCHET_NATS_USER is {user!r} but RATCHET_NATS_PASSWORD is not set, and `ratchet "
+            f"up` has no password for {user!r} (its users: {', '.join(sorted(passwords))})"
+        )
+    return settings.model_copy(update={"nats_user": user, "nats_password": passwords[user]})
 
 
-async def open_client(settings: Settings) -> Client:
+ErrorCallback = Callable[[Exception], Awaitable[None]]
+
+
+async def open_client(settings: Settings, *, on_error: ErrorCallback | None = None) -> Client:
+    """One connection as ``settings``' user, to Ratchet's server and no other.
+
+    ``on_error`` hears what the server reports later on the connection (a refused publish).
+    """
     try:
-        return await connect(settings, name="ratchet-cli", reconnect=False)
+        nc = await connect(settings, name="ratchet-cli", reconnect=False, on_error=on_error)
     except (TimeoutError, OSError, nats.errors.Error) as exc:
+        if _is_authorization_error(exc):
+            raise ClientError(
+                f"NATS at {settings.nats_url} refused user {settings.nats_user!r}: wrong "
+                f"password? (RATCHET_NATS_PASSWORD must be the password of RATCHET_NATS_USER)"
+            ) from exc
         raise ClientError(
             f"cannot reach NATS at {settings.nats_url} ({type(exc).__name__}): is `ratchet "
             "up` running?"
         ) from exc
+    # Ratchet's server always asks for a password: one that does not is someone else's (say a
+    # nats-server started by hand on the same port), where requests would wait for nobody.
+    if settings.nats_user and not nc._server_info.get("auth_required", False):
+        await nc.close()
+        port = urlparse(settings.nats_url).port or 4222
+        raise ClientError(
+            f"the NATS server at {settings.nats_url} is not Ratchet's (it asks for no password):"
+            f" another server is using port {port}"
+        )
+    return nc
+
+
+def _is_authorization_error(exc: BaseException) -> bool:
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        "authorization violation" in str(exc).lower()
+    )
 
 
 async def request(
@@ -117,6 +166,10 @@ async def submit_and_wait(
         )
         try:
             await ack
+        except NoStreamResponseError as exc:
+            raise ClientError(
+                f"NATS has no stream for {request_.subject}: is this Ratchet's server?"
+            ) from exc
         except nats.errors.TimeoutError as exc:
             raise ClientError("NATS did not accept the run (no stream? permissions?)") from exc
         try:
@@ -153,12 +206,30 @@ def evidence_of(trail: list[AuditRecord]) -> str:
     return str(waiting.payload["evidence_sha256"])
 
 
-async def send_decision(change_id: str, *, approve: bool, reason: str, approver: str) -> None:
-    """Decide on the evidence the gatekeeper published for this change (and only on that)."""
+async def send_decision(change_id: str, *, approve: bool, reason: str, approver: str) -> str:
+    """Decide on the evidence the gatekeeper published for this change (and only on that).
+
+    Decides as the ``approver`` NATS user, or as the user the environment names (said on stderr
+    when that is another user). Returns the NATS user that decided. A user the server does not
+    allow to decide is a :class:`ClientError` at once, naming the user.
+    """
     settings = client_settings(role="approver")
+    user = settings.nats_user
     decision_type = ChangeApproved if approve else ChangeRejected
-    nc = await open_client(settings)
-    try:
+    refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_error(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower() and not refused.done():
+            refused.set_result(str(exc))
+
+    def may_not_decide(why: str) -> ClientError:
+        return ClientError(
+            f"NATS user {user!r} may not decide on changes ({why}): run `ratchet "
+            f"{'approve' if approve else 'reject'}` with RATCHET_NATS_USER=approver and "
+            "RATCHET_NATS_PASSWORD set to the approver's password"
+        )
+
+    async def decide() -> None:
         evidence = evidence_of(await fetch_trail(nc, change_id))
         decision = decision_type(
             change_id=change_id, approver=approver, reason=reason, evidence_sha256=evidence
@@ -169,9 +240,20 @@ async def send_decision(change_id: str, *, approve: bool, reason: str, approver:
             headers={"Nats-Msg-Id": f"{decision.subject}:{decision.id}"},
             timeout=5,
         )
+
+    nc = await open_client(settings, on_error=on_error)
+    deciding = asyncio.ensure_future(decide())
+    try:
+        either: list[asyncio.Future[Any]] = [deciding, refused]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if refused.done():  # the server says so at once; the publish would only time out
+            raise may_not_decide(refused.result().removeprefix("nats: "))
+        await deciding
     except nats.errors.TimeoutError as exc:
-        raise ClientError(
-            f"NATS refused the decision ({settings.nats_user} may not decide?)"
-        ) from exc
+        raise may_not_decide("NATS did not accept the decision") from exc
     finally:
+        deciding.cancel()
         await nc.close()
+    if user != "approver":
+        print(f"ratchet: decided as NATS user {user!r} (RATCHET_NATS_USER)", file=sys.stderr)
+    return str(user)

@@ -74,11 +74,18 @@ async def ensure_streams(js: JetStreamContext) -> None:
     )
 
 
-async def connect(settings: Settings, *, name: str, reconnect: bool = True) -> Client:
+async def connect(
+    settings: Settings,
+    *,
+    name: str,
+    reconnect: bool = True,
+    on_error: Callable[[Exception], Awaitable[None]] | None = None,
+) -> Client:
     """A plain nats-py connection as this process's NATS user (CLI, prompt store, admin).
 
     A one-shot client (the CLI) passes ``reconnect=False``: an unreachable server then fails
     within a few seconds instead of being retried (nats-py retries the first connect regardless).
+    ``on_error`` hears the errors the server reports (say a refused publish) instead of the log.
     """
     attempt = nats.connect(
         settings.nats_url,
@@ -88,7 +95,7 @@ async def connect(settings: Settings, *, name: str, reconnect: bool = True) -> C
         connect_timeout=2,
         allow_reconnect=reconnect,
         max_reconnect_attempts=-1 if reconnect else 0,
-        error_cb=_log_error if reconnect else _ignore_error,
+        error_cb=on_error or (_log_error if reconnect else _ignore_error),
     )
     client: Client = await (attempt if reconnect else asyncio.wait_for(attempt, timeout=5))
     return client

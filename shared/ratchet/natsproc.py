@@ -12,9 +12,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nats
+
+from ratchet.client import ClientError
 from ratchet.messaging import connect, ensure_streams
 from ratchet.natsconf import generate_passwords, render_config
 from ratchet.settings import Settings
+
+HOST = "127.0.0.1"  # where the nats-server of `ratchet up` listens (render_config's default)
+
+
+class NatsStartError(ClientError):
+    """Ratchet's nats-server could not start, in one line (the CLI prints it as an error)."""
 
 
 def nats_server_binary() -> str:
@@ -29,6 +38,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """Whether another program already listens on ``host:port``.
+
+    Binding with ``SO_REUSEADDR``, as nats-server does, fails only on a listening socket, not on
+    connections of an earlier run left in TIME_WAIT.
+    """
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def port_taken(port: int) -> NatsStartError:
+    return NatsStartError(
+        f"port {port} is already in use by another program (another nats-server, or `ratchet "
+        f"up` of another RATCHET_HOME?): stop it, or set RATCHET_NATS_URL to a free port"
+    )
 
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
@@ -79,8 +110,11 @@ def start_nats(home: Path, port: int, *, log_path: Path | None = None) -> LocalN
     """Start nats-server with per-service users, then create the streams as admin.
 
     Passwords are kept in ``home/nats/credentials.json`` (mode 0600) and reused, so services and
-    the CLI started later can read them.
+    the CLI started later can read them. A port another program already listens on is refused at
+    once (:class:`NatsStartError`): Ratchet's clients would otherwise talk to that server.
     """
+    if port_in_use(port):
+        raise port_taken(port)
     folder = home / "nats"
     folder.mkdir(parents=True, exist_ok=True)
     credentials = folder / "credentials.json"
@@ -98,7 +132,7 @@ def start_nats(home: Path, port: int, *, log_path: Path | None = None) -> LocalN
     )
     local = LocalNats(process=process, port=port, passwords=passwords)
     try:
-        wait_for_port(port)
+        _wait_for_server(local, log_path)
         asyncio.run(_create_streams(local))
     except BaseException:
         local.stop()
@@ -106,8 +140,31 @@ def start_nats(home: Path, port: int, *, log_path: Path | None = None) -> LocalN
     return local
 
 
+def _wait_for_server(local: LocalNats, log_path: Path | None, timeout: float = 10.0) -> None:
+    """Until our nats-server listens; if it exits first (say the port was taken meanwhile), why."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (code := local.process.poll()) is not None:
+            if port_in_use(local.port):
+                raise port_taken(local.port)
+            where = f"; see {log_path}" if log_path else ""
+            raise NatsStartError(f"nats-server exited at start (exit code {code}){where}")
+        with socket.socket() as s:
+            if s.connect_ex((HOST, local.port)) == 0:
+                return
+        time.sleep(0.05)
+    raise NatsStartError(f"nats-server is not listening on port {local.port} after {timeout}s")
+
+
 async def _create_streams(local: LocalNats) -> None:
-    connection = await connect(local.settings_for("admin"), name="ratchet-admin")
+    try:  # one attempt: a server that refuses the admin is not the one we started
+        connection = await connect(
+            local.settings_for("admin"), name="ratchet-admin", reconnect=False
+        )
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        raise NatsStartError(
+            f"the NATS server on port {local.port} did not accept Ratchet's admin user ({exc})"
+        ) from exc
     try:
         await ensure_streams(connection.jetstream())
     finally:

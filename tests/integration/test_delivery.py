@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 from faststream.nats import NatsBroker
 
 from ratchet.contracts import RunRequested
 from ratchet.messaging import (
     DLQ_STREAM,
+    EVENTS_STREAM,
     connect,
     dead_letter_subject,
     durable_subscriber,
@@ -38,6 +40,44 @@ async def started_broker(server: LocalNats, seen: Counter[str]) -> NatsBroker:
     return broker
 
 
+async def until(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 15) -> None:
+    """Wait for ``condition``, checked every 50 ms, or fail saying ``what`` never happened."""
+
+    async def check() -> None:
+        while not await condition():
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(check(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"{what} within {timeout}s") from None
+
+
+async def drained(server: LocalNats, durable: str = "executor") -> None:
+    """Until the consumer has nothing left to deliver and nothing delivered unacknowledged: every
+    delivery there will be has been handled, so counting them now counts them all."""
+    nc = await connect(server.settings_for("admin"), name="drain-check")
+    try:
+        js = nc.jetstream()
+
+        async def idle() -> bool:
+            info = await js.consumer_info(EVENTS_STREAM, durable)
+            return (info.num_pending, info.num_ack_pending) == (0, 0)
+
+        await until(idle, f"consumer {durable} not drained")
+    finally:
+        await nc.close()
+
+
+async def stored(server: LocalNats) -> int:
+    """Messages in the events stream."""
+    nc = await connect(server.settings_for("admin"), name="stream-check")
+    try:
+        return int((await nc.jetstream().stream_info(EVENTS_STREAM)).state.messages)
+    finally:
+        await nc.close()
+
+
 async def next_dead_letter(server: LocalNats, timeout: float = 15) -> dict[str, object]:
     nc = await connect(server.settings_for("admin"), name="dlq-reader")
     try:
@@ -57,7 +97,8 @@ async def test_a_failing_handler_is_retried_then_dead_lettered(nats_server: Loca
     try:
         await publish(event_publisher(broker, RunRequested), RunRequested(task="t", input="fail-1"))
         letter = await next_dead_letter(nats_server)
-        assert seen["fail-1"] == 3  # max_deliver, no more, no fewer
+        await drained(nats_server)
+        assert seen == Counter({"fail-1": 3})  # max_deliver, no more, no fewer
         assert letter["deliveries"] == 3 and "cannot handle fail-1" in str(letter["reason"])
         assert json.loads(str(letter["payload"]))["input"] == "fail-1"  # nothing lost
     finally:
@@ -88,11 +129,9 @@ async def test_a_republished_event_is_delivered_once(nats_server: LocalNats) -> 
         for _ in range(3):  # a producer retrying after a lost ack
             await publish(publisher, request)
         await publish(publisher, RunRequested(task="t", input="after"))
-        for _ in range(100):
-            if seen["after"]:
-                break
-            await asyncio.sleep(0.05)
-        assert seen == Counter({"once": 1, "after": 1})
+        await drained(nats_server)
+        assert await stored(nats_server) == 2  # the stream kept one copy of the retried event
+        assert seen == Counter({"once": 1, "after": 1}), seen  # and it was handled once
     finally:
         await broker.stop()
 
@@ -113,11 +152,8 @@ async def test_work_left_by_a_stopped_consumer_is_picked_up(nats_server: LocalNa
             )
         second = await started_broker(nats_server, seen)
         try:
-            for _ in range(200):
-                if len(seen) == 20:
-                    break
-                await asyncio.sleep(0.05)
-            assert sorted(seen) == sorted(f"job-{i}" for i in range(20))
+            await drained(nats_server)
+            assert seen == Counter({f"job-{i}": 1 for i in range(20)}), seen  # each job once
         finally:
             await second.stop()
     finally:
