@@ -50,11 +50,12 @@ from ratchet.models import make_chat_model, model_label
 from ratchet.natsproc import LocalNats, free_port
 from ratchet.prompts import PromptReader
 from ratchet.rules import load_rules
+from ratchet.services import SERVICES
 from ratchet.settings import ModelSettings, Settings, to_env
 from ratchet.store import open_store
 from ratchet.suites import load_suites
 from ratchet.tools import get_tools
-from ratchet.up import SERVICES, Stack, start_stack
+from ratchet.up import Stack, start_stack
 from ratchet_evaluator.judge import Judge
 from ratchet_evaluator.scoring import score_run
 from ratchet_executor.agent import Executor, load_agent_factory
@@ -62,7 +63,7 @@ from ratchet_failure_store.recorder import FailureRecorder
 
 log = logging.getLogger("ratchet.benchmark")
 
-PIPELINE = tuple(s for s in SERVICES if s[0] in ("executor", "evaluator", "failure-store"))
+PIPELINE = tuple(s for s in SERVICES if s.name in ("executor", "evaluator", "failure-store"))
 RAW_STREAM = "BENCH_RAW"
 RAW_PREFIX = "bench"
 RAW_HOPS = ("executor", "evaluator", "store")

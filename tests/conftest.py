@@ -22,10 +22,11 @@ def nats_server(tmp_path: Path) -> Iterator[LocalNats]:
 
 @pytest.fixture
 def kept_trail() -> list[str]:
-    """The audit trail of a change that went through every step and was kept."""
+    """The audit trail of a change that went through every step and was kept (the gatekeeper's
+    ``received`` record, which holds the whole proposal, is its first)."""
     return [
-        "proposed", "received", "measured", "awaiting_approval", "approved", "applied",
-        "verified", "kept", "holdout",
+        "received", "measured", "awaiting_approval", "approved", "applied", "verified", "kept",
+        "holdout",
     ]  # fmt: skip
 
 

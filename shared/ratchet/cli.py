@@ -19,7 +19,6 @@ from pydantic import TypeAdapter
 from rich.console import Console
 from rich.table import Table
 
-from ratchet.approver import DEFAULT_RULE
 from ratchet.audit import verify_chain
 from ratchet.client import (
     ClientError,
@@ -27,6 +26,7 @@ from ratchet.client import (
     fetch_trail,
     open_client,
     query,
+    request,
     send_decision,
     submit_and_wait,
 )
@@ -40,9 +40,17 @@ from ratchet.contracts import (
 from ratchet.evidence import describe, describe_after
 from ratchet.messaging import QUERY_PREFIX
 from ratchet.prompts import read_current, read_history
-from ratchet.queries import ChangesQuery, ChangeSummary, ProposeReply, ProposeRequest
+from ratchet.queries import (
+    AuditPage,
+    AuditQuery,
+    ChangesQuery,
+    ChangeSummary,
+    ProposeReply,
+    ProposeRequest,
+)
 from ratchet.settings import get_settings
-from ratchet.store import AuditRecord, FailureQuery, FailureRecord, open_store
+from ratchet.store import AuditRecord, FailureQuery, FailureRecord
+from ratchet_approver.policy import DEFAULT_RULE
 
 console = Console()
 
@@ -346,13 +354,16 @@ async def cmd_decide(args: argparse.Namespace) -> int:
 
 
 def cmd_approver(args: argparse.Namespace) -> int:
-    from ratchet.approver import build_approver_app
+    from ratchet_approver.app import build_app
 
+    settings = client_settings(role="approver")
+    if args.rule is not None:
+        settings = settings.model_copy(update={"approver_rule": args.rule})
     try:
-        app = build_approver_app(client_settings(role="approver"), args.rule)
+        app = build_app(settings)
     except ValueError as exc:
         raise ClientError(str(exc)) from exc
-    console.print(f"policy approver running with rule {args.rule!r}; Ctrl-C stops")
+    console.print(f"policy approver running with rule {settings.approver_rule!r}; Ctrl-C stops")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(app.run())
     return 0
@@ -394,11 +405,31 @@ async def cmd_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+async def fetch_audit(nc: Client) -> list[AuditRecord]:
+    """The whole audit trail from its owner, the gatekeeper, a page at a time."""
+    records: list[AuditRecord] = []
+    while True:
+        page = await request(
+            nc,
+            f"{QUERY_PREFIX}.audit",
+            AuditQuery(after_seq=records[-1].seq if records else 0),
+            TypeAdapter(AuditPage),
+            service="gatekeeper",
+        )
+        records += page.records
+        if not (page.more and page.records):
+            return records
+
+
 async def cmd_audit(args: argparse.Namespace) -> int:
-    """Reads the store directly: an auditor should not depend on the service being audited."""
-    settings = get_settings()
-    async with open_store(settings.resolved_store_url()) as store:
-        records = await store.audit()
+    """The trail as the gatekeeper sends it, its hash chain checked here on what arrived. Without
+    keys that is a consistency check (an edited or removed record, a broken link), not protection
+    against the gatekeeper itself, which could rewrite the whole chain."""
+    nc = await open_client(client_settings())
+    try:
+        records = await fetch_audit(nc)
+    finally:
+        await nc.close()
     problems = verify_chain(records)
     if args.verify:
         if problems:
@@ -625,7 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
         decide.set_defaults(handler=cmd_decide, is_async=True)
 
     approver = sub.add_parser("approver", help="run the policy approver")
-    approver.add_argument("--rule", default=DEFAULT_RULE, help="superior | min-lift:X")
+    approver.add_argument(
+        "--rule", help=f"superior | min-lift:X (default: RATCHET_APPROVER_RULE or {DEFAULT_RULE})"
+    )
     approver.set_defaults(handler=cmd_approver, is_async=False)
 
     prompts = sub.add_parser("prompts", help="every version of a task prompt")

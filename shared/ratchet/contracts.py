@@ -342,6 +342,19 @@ class ChangeRolledBack(ChangeOutcome):
     subject: ClassVar[str] = "change.rolled_back"
 
 
+class ChangeRecorded(Event):
+    """The gatekeeper appended a step to a change's audit trail. Published after the append, so a
+    follower that sees it finds the step with ``query.change``; it announces every step, also
+    those no other event marks (``invalid``, ``stale``, ``holdout``, a decision taken or
+    refused)."""
+
+    subject: ClassVar[str] = "change.recorded"
+
+    change_id: str
+    kind: str = Field(description="The audit record's kind: received, measured, ..., holdout.")
+    seq: int = Field(description="The record's place in the audit trail (see query.audit).")
+
+
 class DeadLetter(BaseModel):
     """What lands on ``dlq.<subject>``: the original bytes and why they were given up on."""
 
@@ -367,4 +380,5 @@ EVENTS: tuple[type[Event], ...] = (
     ChangeApplied,
     ChangeKept,
     ChangeRolledBack,
+    ChangeRecorded,
 )

@@ -2,7 +2,9 @@
 
 Run the suite's learn cases, show the failures and their groups, get a proposal, let the gate
 measure it, ask the person at the terminal (or the policy approver with ``--yes``), then follow
-the gatekeeper through apply, verify and keep-or-roll-back, and report what happened.
+the gatekeeper through apply, verify and keep-or-roll-back, and report what happened. The demo
+follows the change by the gatekeeper's ``change.recorded`` events and reads the trail once per
+step it waits for; it opens no database.
 """
 
 from __future__ import annotations
@@ -11,20 +13,22 @@ import asyncio
 import getpass
 import json
 import time
+from collections import defaultdict
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from pydantic import BaseModel, Field, TypeAdapter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ratchet.approver import policy_decision
 from ratchet.client import ClientError, fetch_trail, request, send_decision, submit_and_wait
 from ratchet.contracts import (
     ChangeProposed,
+    ChangeRecorded,
     FailureGroup,
     Measurement,
     RunCompleted,
@@ -36,6 +40,7 @@ from ratchet.messaging import QUERY_PREFIX
 from ratchet.queries import ProposeReply, ProposeRequest
 from ratchet.store import AuditRecord, FailureQuery
 from ratchet.suites import Case, Suite
+from ratchet_approver.policy import policy_decision
 
 OUTCOMES = {"kept", "rolled_back", "rejected", "invalid", "stale"}
 CONCURRENCY = 8
@@ -100,20 +105,35 @@ async def run_learn_cases(
     return results
 
 
-async def wait_for_trail(
-    nc: Client, change_id: str, kinds: set[str], timeout: float
-) -> list[AuditRecord]:
-    deadline = time.monotonic() + timeout
-    while True:
-        trail = await fetch_trail(nc, change_id)
-        if any(r.kind in kinds for r in trail):
-            return trail
-        if time.monotonic() > deadline:
-            seen = [r.kind for r in trail]
+class ChangeFollower:
+    """The steps the gatekeeper records, as its ``change.recorded`` events announce them: the
+    demo waits on these instead of asking for the trail again and again."""
+
+    def __init__(self) -> None:
+        self.kinds: defaultdict[str, set[str]] = defaultdict(set)  # change id -> recorded kinds
+        self.arrived = asyncio.Condition()
+
+    async def on_recorded(self, msg: Msg) -> None:
+        event = ChangeRecorded.model_validate_json(msg.data)
+        async with self.arrived:
+            self.kinds[event.change_id].add(event.kind)
+            self.arrived.notify_all()
+
+    async def wait_for_trail(
+        self, nc: Client, change_id: str, kinds: set[str], timeout: float
+    ) -> list[AuditRecord]:
+        """The change's trail, read once one of ``kinds`` has been recorded."""
+        try:
+            async with self.arrived:
+                await asyncio.wait_for(
+                    self.arrived.wait_for(lambda: bool(self.kinds[change_id] & kinds)), timeout
+                )
+        except TimeoutError:
+            seen = sorted(self.kinds[change_id])
             raise ClientError(
                 f"change {change_id} did not reach {sorted(kinds)} in {timeout:.0f}s (saw {seen})"
-            )
-        await asyncio.sleep(0.5)
+            ) from None
+        return await fetch_trail(nc, change_id)
 
 
 def ask_person(console: Console) -> tuple[bool, str]:
@@ -139,7 +159,12 @@ async def run_demo(
 
     started = time.monotonic()
     meter = UsageMeter()
-    sub = await nc.subscribe(RunCompleted.subject, cb=meter.on_completed)
+    follower = ChangeFollower()
+    subs = [
+        await nc.subscribe(RunCompleted.subject, cb=meter.on_completed),
+        await nc.subscribe(ChangeRecorded.subject, cb=follower.on_recorded),
+    ]
+    await nc.flush()  # both subscriptions are in place before anything is asked for
     try:
         console.rule(f"1. run the {len(suite.learn)} learn cases of {suite.name!r} on {model}")
         results = await run_learn_cases(nc, suite, console, threshold)
@@ -196,7 +221,7 @@ async def run_demo(
 
         console.rule(f"4. the gatekeeper measures it on up to {len(suite.gate)} gate-pool cases")
         with console.status("measuring current and candidate prompts…"):
-            trail = await wait_for_trail(
+            trail = await follower.wait_for_trail(
                 nc, change.change_id, {"awaiting_approval", "invalid"}, gate_timeout
             )
         print_evidence(trail)
@@ -228,7 +253,7 @@ async def run_demo(
         # a kept change goes on to the sealed holdout, when the suite has one
         last_steps = (OUTCOMES - {"kept"}) | {"holdout"} if suite.holdout else OUTCOMES
         with console.status("waiting for the gatekeeper…"):
-            trail = await wait_for_trail(nc, change.change_id, last_steps, gate_timeout)
+            trail = await follower.wait_for_trail(nc, change.change_id, last_steps, gate_timeout)
         for line in describe_after({r.kind: r.payload for r in trail}):
             console.print(line, markup=False, highlight=False)
         by_kind = {r.kind: r.payload for r in trail}
@@ -245,8 +270,9 @@ async def run_demo(
             trail=[r.kind for r in trail],
         )
     finally:
-        with suppress(Exception):
-            await sub.unsubscribe()
+        for sub in subs:
+            with suppress(Exception):
+                await sub.unsubscribe()
 
 
 def print_summary(report: DemoReport, console: Console) -> None:

@@ -6,6 +6,9 @@ This is where the isolation invariants are enforced by the server itself:
 - only the gatekeeper may request gate runs (``run.gate.requested``);
 - only the gatekeeper may write the prompt store (publish to ``$KV.prompts.>``);
 - only approvers may publish ``change.approved`` / ``change.rejected``;
+- only the owner of a table answers the queries about it: the failure store ``query.failures`` /
+  ``query.groups``, the gatekeeper (the audit trail's owner) ``query.changes`` / ``query.change``
+  / ``query.audit``;
 - each service may only create and read its own durable consumers, on its own subjects.
 """
 
@@ -39,14 +42,19 @@ ROLES: dict[str, Role] = {
     "evaluator": Role(publish=("run.scored",), consumers=(("evaluator", "run.completed"),)),
     "failure-store": Role(
         publish=("failure.logged",),
-        subscribe=(f"{QUERY_PREFIX}.failures", f"{QUERY_PREFIX}.groups"),
+        subscribe=(f"{QUERY_PREFIX}.failures", f"{QUERY_PREFIX}.groups", f"{QUERY_PREFIX}.count"),
         consumers=(
             ("failure-store-completed", "run.completed"),
             ("failure-store-scored", "run.scored"),
         ),
     ),
-    "proposer": Role(
-        publish=("change.proposed", f"{QUERY_PREFIX}.groups"),
+    "proposer": Role(  # asks the failure store; owns no shared table
+        publish=(
+            "change.proposed",
+            f"{QUERY_PREFIX}.failures",
+            f"{QUERY_PREFIX}.groups",
+            f"{QUERY_PREFIX}.count",
+        ),
         subscribe=(f"{QUERY_PREFIX}.propose",),
         consumers=(("proposer", "failure.logged"),),
         reads_prompts=True,
@@ -58,9 +66,11 @@ ROLES: dict[str, Role] = {
             "change.applied",
             "change.kept",
             "change.rolled_back",
+            "change.recorded",
             f"$KV.{PROMPTS_BUCKET}.>",
         ),
-        subscribe=(f"{QUERY_PREFIX}.changes", f"{QUERY_PREFIX}.change"),
+        # the audit trail's owner answers every question about it
+        subscribe=(f"{QUERY_PREFIX}.changes", f"{QUERY_PREFIX}.change", f"{QUERY_PREFIX}.audit"),
         consumers=(
             ("gatekeeper-proposed", "change.proposed"),
             ("gatekeeper-scored", "run.scored"),

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel
+from pydantic import AwareDatetime, BaseModel, Field
 
 from ratchet.contracts import ChangeProposed
 from ratchet.store import AuditRecord
+
+
+class FailureCount(BaseModel):
+    """How many failures a task has had since a moment (inclusive), as ``query.count`` asks."""
+
+    task: str
+    since: AwareDatetime | None = None
 
 
 class ProposeRequest(BaseModel):
@@ -25,6 +32,37 @@ class ChangesQuery(BaseModel):
 
 class ChangeQuery(BaseModel):
     change_id: str
+
+
+AUDIT_PAGE_RECORDS = 500
+AUDIT_PAGE_BYTES = 512 * 1024  # half of NATS's default 1 MB message limit
+
+
+class AuditQuery(BaseModel):
+    """One page of the whole audit trail: the records after ``after_seq``, in seq order."""
+
+    after_seq: int = Field(default=0, ge=0)
+    limit: int = Field(default=AUDIT_PAGE_RECORDS, ge=1, le=AUDIT_PAGE_RECORDS)
+
+
+class AuditPage(BaseModel):
+    records: list[AuditRecord]
+    more: bool = Field(description="Records follow: ask again after the last one's seq.")
+
+
+def audit_page(trail: list[AuditRecord], query: AuditQuery) -> AuditPage:
+    """The page of ``trail`` that ``query`` asks for, cut short where it would grow past
+    ``AUDIT_PAGE_BYTES`` (a measurement's record alone can take kilobytes); never empty while
+    records remain, so a reader paging by seq always moves on."""
+    after = [r for r in trail if r.seq > query.after_seq]
+    page: list[AuditRecord] = []
+    size = 0
+    for record in after[: query.limit]:
+        size += len(record.model_dump_json())
+        if page and size > AUDIT_PAGE_BYTES:
+            break
+        page.append(record)
+    return AuditPage(records=page, more=len(page) < len(after))
 
 
 class ChangeSummary(BaseModel):

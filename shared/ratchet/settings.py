@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     judge_attempts: int = 3
     min_failures_to_propose: int = 20
     agent_max_steps: int = 6
+    approver_rule: str = "superior"  # the policy approver's: superior | min-lift:X
 
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{self.home / 'ratchet.db'}"

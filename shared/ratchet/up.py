@@ -1,4 +1,8 @@
-"""``ratchet up``: nats-server, the local model server and every service, as child processes."""
+"""``ratchet up``: nats-server, the local model server and every service, as child processes.
+
+The services are the ones declared in :mod:`ratchet.services` (the optional ones, such as the
+policy approver, only when asked for), each run as ``faststream run --factory MODULE:build_app``.
+"""
 
 from __future__ import annotations
 
@@ -18,16 +22,8 @@ from ratchet.messaging import EVENTS_STREAM, connect
 from ratchet.models import local_base_url, local_model_path
 from ratchet.natsconf import ROLES
 from ratchet.natsproc import LocalNats, start_nats, wait_for_port
+from ratchet.services import CORE_SERVICES, Service, get_service
 from ratchet.settings import Settings, to_env
-
-# (process name, NATS role, FastStream app)
-SERVICES: tuple[tuple[str, str, str], ...] = (
-    ("executor", "executor", "ratchet_executor.app:app"),
-    ("evaluator", "evaluator", "ratchet_evaluator.app:app"),
-    ("failure-store", "failure-store", "ratchet_failure_store.app:app"),
-    ("proposer", "proposer", "ratchet_proposer.app:app"),
-    ("gatekeeper", "gatekeeper", "ratchet_gatekeeper.app:app"),
-)
 
 
 @dataclass
@@ -51,17 +47,17 @@ class Stack:
         if self.nats is not None:
             self.nats.stop()
 
-    def launch(self, label: str, role: str, app: str) -> subprocess.Popen[bytes]:
+    def launch(self, label: str, service: Service) -> subprocess.Popen[bytes]:
         """Start one service process as its NATS role, logging to ``home/logs/<label>.log``."""
         assert self.nats is not None
         home = self.settings.home.resolve()
         env = {
             **os.environ,
             **to_env(self.settings.model_copy(update={"home": home})),
-            **self.nats.env_for(role),
+            **self.nats.env_for(service.role),
         }
         return subprocess.Popen(
-            [sys.executable, "-m", "faststream", "run", app],
+            [sys.executable, "-m", *service.command],
             env=env,
             stdout=open(home / "logs" / f"{label}.log", "ab"),
             stderr=subprocess.STDOUT,
@@ -69,13 +65,13 @@ class Stack:
 
     def restart(self, name: str, *, kill: bool = False) -> None:
         """Stop one service (SIGKILL with ``kill``: a crash) and start a new process for it."""
-        [(role, app)] = [(r, a) for n, r, a in SERVICES if n == name]
+        service = get_service(name)
         index = next(i for i, (label, _) in enumerate(self.processes) if label == name)
         old = self.processes[index][1]
         old.kill() if kill else old.terminate()
         old.wait(timeout=15)
-        self.processes[index] = (name, self.launch(name, role, app))
-        asyncio.run(_wait_for_consumers(self, [d for d, _ in ROLES[role].consumers]))
+        self.processes[index] = (name, self.launch(name, service))
+        asyncio.run(_wait_for_consumers(self, [d for d, _ in ROLES[service.role].consumers]))
 
     def dead(self) -> list[str]:
         return [name for name, process in self.processes if process.poll() is not None]
@@ -90,9 +86,12 @@ def start_stack(
     *,
     evaluators: int = 1,
     on_ready: Callable[[str, float], None] = lambda name, seconds: None,
-    services: tuple[tuple[str, str, str], ...] = SERVICES,
+    services: tuple[Service, ...] = CORE_SERVICES,
 ) -> Stack:
-    """Start everything and return once each part is ready; on any failure, stop what started."""
+    """Start everything and return once each part is ready; on any failure, stop what started.
+
+    ``services``: by default every service that is not optional (not the policy approver).
+    """
     home = settings.home.resolve()
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -107,13 +106,15 @@ def start_stack(
             stack.processes.append(("local-model", _start_local_model(settings, logs)))
             _wait_for_local_model(settings.local_model_port, stack)
             on_ready("local-model", time.monotonic() - began)
-        for name, role, app in services:
+        for service in services:
+            name = service.name
             copies = evaluators if name == "evaluator" else 1
             began = time.monotonic()
             for copy in range(copies):
                 label = f"{name}-{copy + 1}" if copies > 1 else name
-                stack.processes.append((label, stack.launch(label, role, app)))
-            asyncio.run(_wait_for_consumers(stack, [d for d, _ in ROLES[role].consumers]))
+                stack.processes.append((label, stack.launch(label, service)))
+            durables = [d for d, _ in ROLES[service.role].consumers]
+            asyncio.run(_wait_for_consumers(stack, durables))
             on_ready(name if copies == 1 else f"{name} x{copies}", time.monotonic() - began)
     except BaseException:
         stack.stop()

@@ -13,13 +13,14 @@ from ratchet.contracts import Check, RunRequested
 from ratchet.messaging import QUERY_PREFIX, connect
 from ratchet.models import LOCAL_MODEL_NAME
 from ratchet.natsproc import free_port
+from ratchet.services import SERVICES
 from ratchet.settings import Settings
 from ratchet.store import FailureQuery, FailureRecord
-from ratchet.up import SERVICES, Stack, start_stack
+from ratchet.up import Stack, start_stack
 
 pytestmark = pytest.mark.local_model
 
-PIPELINE = tuple(s for s in SERVICES if s[0] in ("executor", "evaluator", "failure-store"))
+PIPELINE = tuple(s for s in SERVICES if s.name in ("executor", "evaluator", "failure-store"))
 
 
 @pytest.fixture(scope="module")

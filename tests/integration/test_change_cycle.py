@@ -9,12 +9,14 @@ exactly what the gate should measure and decide.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from nats.aio.client import Client
@@ -22,11 +24,13 @@ from nats.aio.client import Client
 from ratchet.client import submit_and_wait
 from ratchet.contracts import Check, RunRequested
 from ratchet.messaging import connect
-from ratchet.natsproc import free_port
+from ratchet.natsconf import ROLES
+from ratchet.natsproc import free_port, start_nats
 from ratchet.prompts import read_current
+from ratchet.services import CORE_SERVICES
 from ratchet.settings import GateSettings, ModelSettings, Settings, to_env
 from ratchet.suites import load_suite
-from ratchet.up import Stack, start_stack
+from ratchet.up import Stack, _wait_for_consumers, start_stack
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = load_suite(REPO / "config" / "suites" / "demo.json")
@@ -34,8 +38,8 @@ EXACT_LEARN = [c for c in DEMO.learn if c.check.kind == "exact"]
 MIN_FAILURES = 5
 
 
-def make_stack(tmp_path: Path, proposer: str) -> Stack:
-    settings = Settings(
+def stack_settings(tmp_path: Path, proposer: str) -> Settings:
+    return Settings(
         home=tmp_path / "home",
         nats_url=f"nats://127.0.0.1:{free_port()}",
         agent=ModelSettings(spec="scripted:prompt-sensitive"),
@@ -44,7 +48,10 @@ def make_stack(tmp_path: Path, proposer: str) -> Stack:
         min_failures_to_propose=MIN_FAILURES,
         gate=GateSettings(run_timeout_s=60),
     )
-    return start_stack(settings)
+
+
+def make_stack(tmp_path: Path, proposer: str) -> Stack:
+    return start_stack(stack_settings(tmp_path, proposer))
 
 
 @pytest.fixture
@@ -246,3 +253,97 @@ async def test_a_persons_own_change_for_another_reason_is_tested_for_non_inferio
     assert kept["status"] == "kept"
     current = await read_current(client.jetstream(), DEMO.name)
     assert current is not None and current.record.text == "Help."
+
+
+# --- one host per service ------------------------------------------------------------------------
+
+
+def host_home(stack: Stack, service: str) -> Path:
+    return stack.settings.home.resolve() / "hosts" / service
+
+
+def start_on_hosts(settings: Settings) -> Stack:
+    """What `ratchet up` starts, but each service in a home of its own, as on a host of its own:
+    its own SQLite files, nothing shared with the others but NATS. The CLI keeps the base home,
+    where the NATS credentials are."""
+    stack = Stack(settings=settings)
+    logs = settings.home.resolve() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        port = urlparse(settings.nats_url).port
+        assert port is not None
+        stack.nats = start_nats(settings.home.resolve(), port, log_path=logs / "nats-server.log")
+        for service in CORE_SERVICES:
+            home = host_home(stack, service.name)
+            (home / "logs").mkdir(parents=True)
+            host = Stack(settings=settings.model_copy(update={"home": home}), nats=stack.nats)
+            stack.processes.append((service.name, host.launch(service.name, service)))
+            durables = [durable for durable, _ in ROLES[service.role].consumers]
+            asyncio.run(_wait_for_consumers(stack, durables))
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[Stack]:
+    running = start_on_hosts(stack_settings(tmp_path, "proposer-fix"))
+    yield running
+    running.stop()
+
+
+def databases(folder: Path) -> set[str]:
+    return {path.name for path in folder.glob("*.db")}
+
+
+def rows(database: Path) -> dict[str, int]:
+    """Rows per table of a service's SQLite file (read-only, the service still running)."""
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}
+
+
+async def test_services_on_separate_hosts_own_their_tables(
+    hosts: Stack, kept_trail: list[str]
+) -> None:
+    """Every service on a host of its own, with its own SQLite files: the whole cycle still
+    works, and afterwards each file holds rows only in the tables its service owns.
+
+    This is the ownership test at run time (tests/unit/test_ownership.py reads the code): a
+    service that wrote a table it does not own would leave rows in its own file, and one that
+    read such a table would find it empty in its own file and the cycle would stop."""
+    assert hosts.nats is not None
+    nc = await connect(hosts.nats.settings_for("client"), name="test-client")
+    try:
+        await gather_failures(nc)
+    finally:
+        await nc.close()
+    waiting = await wait_for_status(hosts, {"awaiting_approval"})
+    approved = cli(hosts, "approve", waiting["change_id"], "--reason", "fixes the wrapping")
+    assert approved.returncode == 0, approved.stderr
+    assert (await wait_for_status(hosts, {"kept", "rolled_back"}))["status"] == "kept"
+    assert await wait_for_trail(hosts, waiting["change_id"], "holdout") == kept_trail
+    verified = cli(hosts, "audit", "--verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert f"{len(kept_trail)} records" in verified.stdout
+
+    failure_store, gatekeeper = host_home(hosts, "failure-store"), host_home(hosts, "gatekeeper")
+    proposer = host_home(hosts, "proposer")
+    assert databases(failure_store) == {"ratchet.db"}
+    stored = rows(failure_store / "ratchet.db")
+    assert stored["failures"] == MIN_FAILURES and stored["runs"] > MIN_FAILURES
+    assert stored["audit"] == 0
+    assert databases(gatekeeper) == {
+        "ratchet.db",
+        "gatekeeper-runs.db",
+        "gatekeeper-checkpoints.db",
+    }
+    trail = rows(gatekeeper / "ratchet.db")
+    assert (trail["audit"], trail["runs"], trail["failures"]) == (len(kept_trail), 0, 0)
+    assert rows(gatekeeper / "gatekeeper-runs.db")["gate_runs"] > 0
+    assert databases(proposer) == {"proposer.db"}
+    assert rows(proposer / "proposer.db") == {"last_proposals": 1}
+    for service in ("executor", "evaluator"):
+        assert databases(host_home(hosts, service)) == set(), service
+    assert databases(hosts.settings.home) == set()  # the CLI's home: it opened no database

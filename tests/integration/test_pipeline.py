@@ -15,11 +15,12 @@ from ratchet.client import submit_and_wait
 from ratchet.contracts import Check, RunRequested
 from ratchet.messaging import QUERY_PREFIX, connect
 from ratchet.natsproc import free_port
+from ratchet.services import SERVICES
 from ratchet.settings import ModelSettings, Settings, to_env
 from ratchet.store import FailureQuery, FailureRecord
-from ratchet.up import SERVICES, Stack, start_stack
+from ratchet.up import Stack, start_stack
 
-PIPELINE = tuple(s for s in SERVICES if s[0] in ("executor", "evaluator", "failure-store"))
+PIPELINE = tuple(s for s in SERVICES if s.name in ("executor", "evaluator", "failure-store"))
 
 
 @pytest.fixture

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from ratchet.natsproc import free_port
+from ratchet.services import CORE_SERVICES, SERVICES, get_service
+from ratchet.settings import ModelSettings, Settings
+from ratchet.up import start_stack
 
 
 def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
@@ -39,16 +42,12 @@ def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
             if time.monotonic() > deadline or up.poll() is not None:
                 pytest.fail("ratchet up never got ready:\n" + "".join(lines))
             lines.append(up.stdout.readline())
-        ready = "".join(lines)
-        for part in (
-            "nats-server",
-            "executor",
-            "evaluator x2",
-            "failure-store",
-            "proposer",
-            "gatekeeper",
-        ):
-            assert f"ready {part}" in " ".join(ready.split()), ready
+        ready = " ".join("".join(lines).split())
+        for part in ("nats-server", *(s.name for s in CORE_SERVICES if s.name != "evaluator")):
+            assert f"ready {part}" in ready, ready
+        assert "ready evaluator x2" in ready, ready
+        optional = [s.name for s in SERVICES if s.optional]
+        assert optional == ["approver"] and "ready approver" not in ready, ready
 
         ran = subprocess.run(
             [
@@ -84,3 +83,42 @@ def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         timeout=30,
     )
     assert failed.returncode == 1 and "cannot reach NATS" in failed.stderr
+
+
+def test_the_optional_approver_starts_from_its_factory_when_asked(tmp_path: Path) -> None:
+    """`start_stack` runs any declared service: the policy approver, with its rule from settings,
+    logs in as the approver user and binds its durable consumer."""
+    settings = Settings(
+        home=tmp_path / "home",
+        nats_url=f"nats://127.0.0.1:{free_port()}",
+        agent=ModelSettings(spec="scripted:prompt-sensitive"),
+        judge=ModelSettings(spec="scripted:judge-yes"),
+        proposer=ModelSettings(spec="scripted:proposer-fix"),
+        approver_rule="min-lift:0.05",
+    )
+    ready: list[str] = []
+    stack = start_stack(
+        settings,
+        services=(get_service("approver"),),
+        on_ready=lambda name, _seconds: ready.append(name),
+    )
+    try:
+        assert ready == ["nats-server", "approver"] and not stack.dead()
+    finally:
+        stack.stop()
+
+
+def test_an_approver_with_an_unknown_rule_stops_the_start(tmp_path: Path) -> None:
+    """The rule reaches the service process through its settings: a bad one fails at start."""
+    settings = Settings(
+        home=tmp_path / "home",
+        nats_url=f"nats://127.0.0.1:{free_port()}",
+        agent=ModelSettings(spec="scripted:prompt-sensitive"),
+        judge=ModelSettings(spec="scripted:judge-yes"),
+        proposer=ModelSettings(spec="scripted:proposer-fix"),
+        approver_rule="yolo",
+    )
+    with pytest.raises(RuntimeError, match="approver exited during start-up"):
+        start_stack(settings, services=(get_service("approver"),))
+    log = (tmp_path / "home" / "logs" / "approver.log").read_text()
+    assert "unknown approval rule 'yolo'" in log

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import measurement
 
-from ratchet.approver import parse_rule, policy_decision
+from ratchet_approver.policy import parse_rule, policy_decision
 
 
 def test_superior_approves_what_the_test_showed_better() -> None:

@@ -1,7 +1,8 @@
-"""docker-compose.yml and the Dockerfiles agree with the code they deploy.
+"""docker-compose.yml and the root Dockerfile agree with the code they deploy.
 
 No Docker engine runs where these tests run, so this checks what can go stale without one:
-setting names, paths, app modules, NATS users and passwords, and CLI commands.
+setting names, build targets, the factory each image runs (against ratchet.services.SERVICES),
+NATS users and passwords, CLI commands, and that the Dockerfile is well formed.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from pydantic import BaseModel
 
 from ratchet.cli import build_parser
 from ratchet.natsconf import ROLES
+from ratchet.services import SERVICES, Service
 from ratchet.settings import Settings
-from ratchet.up import SERVICES
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-SERVICE_DOCKERFILES = {name: REPO / "services" / name / "Dockerfile" for name, _, _ in SERVICES}
-DOCKERFILES = sorted({*SERVICE_DOCKERFILES.values(), *REPO.glob("docker/*/Dockerfile")})
+DOCKERFILE = REPO / "Dockerfile"
+INSTRUCTIONS = {
+    "FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME",
+    "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL",
+}  # fmt: skip
+NOT_SERVICES = {"build", "base", "local-model"}  # the other stages of the Dockerfile
 
 
 def is_settings_field(variable: str) -> bool:
@@ -48,16 +53,42 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     return {key: str(value) for key, value in env.items()}
 
 
-def instructions(dockerfile: Path, keyword: str) -> list[str]:
-    """The arguments of every ``keyword`` instruction, continuation lines joined."""
-    text = dockerfile.read_text().replace("\\\n", " ")
-    return [line[len(keyword) :].strip() for line in text.splitlines() if line.startswith(keyword)]
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(keyword, arguments) of every instruction, continuation lines joined, comments dropped."""
+    lines = [
+        line
+        for line in dockerfile.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    text = "\n".join(lines).replace("\\\n", " ")
+    return [
+        (keyword.upper(), rest.strip())
+        for keyword, _, rest in (line.strip().partition(" ") for line in text.splitlines())
+    ]
 
 
-def faststream_app(dockerfile: Path) -> str | None:
-    [cmd] = instructions(dockerfile, "CMD ")
-    argv = json.loads(cmd)
-    return argv[2] if argv[:2] == ["faststream", "run"] else None
+def stages(dockerfile: Path) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Each named stage: (what it is built FROM, its instructions after FROM)."""
+    found: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    current: list[tuple[str, str]] = []
+    for keyword, rest in instructions(dockerfile):
+        if keyword == "FROM":
+            image, _as, name = rest.split()
+            assert _as.upper() == "AS" and name not in found, f"FROM {rest}: name each stage once"
+            current = []
+            found[name] = (image, current)
+        else:
+            current.append((keyword, rest))
+    return found
+
+
+STAGES = stages(DOCKERFILE)
+
+
+def cmd(stage: str) -> list[str]:
+    [argv] = [json.loads(rest) for keyword, rest in STAGES[stage][1] if keyword == "CMD"]
+    assert isinstance(argv, list)
+    return argv
 
 
 def test_settings_field_lookup() -> None:
@@ -78,55 +109,90 @@ def test_compose_variables_are_settings_fields(name: str) -> None:
     assert not unknown, f"{name}: not fields of ratchet.settings.Settings: {unknown}"
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(REPO)))
-def test_dockerfile_variables_are_settings_fields(dockerfile: Path) -> None:
+def test_dockerfile_is_well_formed() -> None:
+    """What `docker build` would reject first: an unknown instruction, an unnamed or repeated
+    stage, a stage or mount built from a stage that does not exist (yet), a missing file."""
+    unknown = [k for k, _ in instructions(DOCKERFILE) if k not in INSTRUCTIONS]
+    assert not unknown, f"unknown instructions {unknown}"
+    seen: set[str] = set()
+    for name, (image, steps) in STAGES.items():
+        assert ":" in image or image in seen, f"stage {name} is FROM {image}: no such stage"
+        for keyword, rest in steps:
+            for source in re.findall(r"from=([\w-]+)", rest):
+                assert source in seen, f"stage {name} mounts from {source}: no earlier stage"
+            if keyword == "CMD":
+                json.loads(rest)  # the exec form: a JSON list
+            if keyword == "COPY" and not rest.startswith("--"):
+                *sources, _target = rest.split()
+                missing = [src for src in sources if not (REPO / src).exists()]
+                assert not missing, f"stage {name} copies {missing}: not in the build context"
+        seen.add(name)
+
+
+def test_dockerfile_variables_are_settings_fields() -> None:
     variables = [
         item.partition("=")[0]
-        for env in instructions(dockerfile, "ENV ")
-        for item in shlex.split(env)
+        for keyword, rest in instructions(DOCKERFILE)
+        if keyword == "ENV"
+        for item in shlex.split(rest)
     ]
+    assert variables, "the base image sets RATCHET_HOME and the config paths"
     unknown = [v for v in variables if v.startswith("RATCHET_") and not is_settings_field(v)]
     assert not unknown, f"not fields of ratchet.settings.Settings: {unknown}"
 
 
+def test_llama_cpp_is_built_for_any_cpu() -> None:
+    """A native build can use instructions (AMX) a virtual machine reports but traps; see
+    scripts/install.sh."""
+    runs = " ".join(rest for keyword, rest in STAGES["build"][1] if keyword == "RUN")
+    assert "-DGGML_NATIVE=OFF" in runs
+
+
 def test_every_service_is_deployed() -> None:
-    expected = {name for name, _, _ in SERVICES} | {"nats", "mongo", "local-model", "init-streams"}
+    expected = {s.name for s in SERVICES} | {"nats", "mongo", "local-model", "init-streams"}
     assert expected <= set(COMPOSE["services"])
 
 
+def test_every_target_is_a_declared_service() -> None:
+    orphans = set(STAGES) - NOT_SERVICES - {s.name for s in SERVICES}
+    assert not orphans, f"Dockerfile targets that are not in ratchet.services: {sorted(orphans)}"
+
+
 @pytest.mark.parametrize("name", sorted(COMPOSE["services"]))
-def test_build_context_and_dockerfile_exist(name: str) -> None:
+def test_builds_are_targets_of_the_root_dockerfile(name: str) -> None:
     build = COMPOSE["services"][name].get("build")
     if build is None:
         return
-    context = REPO / (build if isinstance(build, str) else build.get("context", "."))
-    dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
-    assert context.is_dir(), f"{name}: no build context {context}"
-    assert (context / dockerfile).is_file(), f"{name}: no Dockerfile {context / dockerfile}"
+    assert isinstance(build, dict) and set(build) == {"context", "target"}, build
+    assert (REPO / build["context"]).resolve() == REPO
+    assert build["target"] in STAGES, f"{name}: no target {build['target']} in the Dockerfile"
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(REPO)))
-def test_dockerfile_apps_are_services(dockerfile: Path) -> None:
-    app = faststream_app(dockerfile)
-    assert app is None or app in {app for _, _, app in SERVICES}, f"unknown app {app}"
+@pytest.mark.parametrize("service", SERVICES, ids=lambda s: s.name)
+def test_each_service_image_runs_its_own_factory(service: Service) -> None:
+    image, steps = STAGES[service.name]
+    assert image == "base" and [k for k, _ in steps] == ["CMD"], (
+        f"target {service.name}: the shared base and a CMD, nothing else"
+    )
+    assert cmd(service.name) == ["faststream", "run", "--factory", service.factory]
+    compose = COMPOSE["services"][service.name]
+    assert compose["build"]["target"] == service.name and "command" not in compose
 
 
-@pytest.mark.parametrize(("name", "app"), [(name, app) for name, _, app in SERVICES])
-def test_each_service_image_runs_its_own_app(name: str, app: str) -> None:
-    assert faststream_app(SERVICE_DOCKERFILES[name]) == app
-    build = COMPOSE["services"][name]["build"]
-    assert REPO / build["context"] / build["dockerfile"] == SERVICE_DOCKERFILES[name]
+@pytest.mark.parametrize("service", SERVICES, ids=lambda s: s.name)
+def test_optional_services_start_only_with_a_profile(service: Service) -> None:
+    profiles = COMPOSE["services"][service.name].get("profiles")
+    assert bool(profiles) == service.optional, f"{service.name}: profiles {profiles}"
 
 
-def test_service_dockerfiles_differ_only_in_cmd() -> None:
-    """Same shape, so the layers before CMD are built once and shared by all services."""
-    shapes = {
-        name: [line for line in path.read_text().splitlines() if not line.startswith("CMD ")]
-        for name, path in SERVICE_DOCKERFILES.items()
-    }
-    first, *rest = shapes.items()
-    for name, shape in rest:
-        assert shape == first[1], f"services/{name}/Dockerfile drifted from services/{first[0]}"
+def test_local_model_target_serves_the_port_services_use() -> None:
+    argv = cmd("local-model")
+    assert argv[:3] == ["python", "-m", "llama_cpp.server"]
+    port = argv[argv.index("--port") + 1]
+    assert (
+        f"local-model:{port}"
+        in environment(COMPOSE["services"]["executor"])["RATCHET_AGENT__BASE_URL"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -137,7 +203,7 @@ def test_nats_user_and_password_variable(name: str) -> None:
     """Each container logs in as its own role with the password `ratchet natsconf` wrote for it."""
     env = environment(COMPOSE["services"][name])
     user = env["RATCHET_NATS_USER"]
-    roles = {service: role for service, role, _ in SERVICES}
+    roles = {service.name: service.role for service in SERVICES}
     assert user in {"admin", *ROLES}
     if name in roles:
         assert user == roles[name], f"{name} must connect as its own role"

@@ -30,6 +30,7 @@ from ratchet.contracts import (
     ChangeAwaitingApproval,
     ChangeKept,
     ChangeProposed,
+    ChangeRecorded,
     ChangeRolledBack,
     Check,
     Event,
@@ -337,6 +338,14 @@ async def assert_once(
         assert len(ids) <= 1, (kind.__name__, ids)
     # no gate run was requested again once its score was in
     assert h.bus.requested_after_scored == []
+    # every audit record was announced, each under one id (a repeat after a crash is dropped)
+    records = await h.store.audit(change.change_id)
+    announced = {
+        (e.id, e.kind, e.seq)
+        for e in h.bus.of_type(ChangeRecorded)
+        if e.change_id == change.change_id
+    }
+    assert announced == {(f"{change.change_id}.recorded.{r.seq}", r.kind, r.seq) for r in records}
 
 
 # --- 1, 2: the paths a user sees ---------------------------------------------------------------
@@ -662,7 +671,12 @@ async def test_decision_for_an_unknown_change_is_refused_and_audited(harness: Ha
     trail = await h.store.audit("no-such-change")
     assert [(r.kind, r.actor) for r in trail] == [("decision_refused", "alice")]
     assert "no such change" in trail[0].payload["why"]
-    assert h.prompts.writes == [] and h.bus.events == []
+    assert h.prompts.writes == []
+    # only the refusal's record was announced (twice, under one id: the repeat is dropped)
+    assert {(e.id, e.kind) for e in h.bus.of_type(ChangeRecorded)} == {
+        ("no-such-change.recorded.1", "decision_refused")
+    }
+    assert len(h.bus.of_type(ChangeRecorded)) == len(h.bus.events)
 
 
 # --- 5: non-inferiority --------------------------------------------------------------------------

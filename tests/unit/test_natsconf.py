@@ -125,3 +125,38 @@ def test_generate_passwords_gives_distinct_random_passwords() -> None:
     assert len(set(first.values())) == len(first)
     assert all(len(p) >= 20 for p in first.values())
     assert all(first[name] != second[name] for name in first)
+
+
+def subscribe_allow(users: dict[str, dict[str, Any]], role: str) -> list[str]:
+    allow: list[str] = users[role]["permissions"]["subscribe"]["allow"]
+    return allow
+
+
+def roles_that_answer(users: dict[str, dict[str, Any]], subject: str) -> set[str]:
+    return {role for role in ROLES if subject in subscribe_allow(users, role)}
+
+
+def test_each_table_is_asked_of_its_owner_only(users: dict[str, dict[str, Any]]) -> None:
+    """One owner per table: the failure store answers for failures, the gatekeeper for the
+    audit trail; nobody else can take those questions."""
+    for subject in ("query.failures", "query.groups", "query.count"):
+        assert roles_that_answer(users, subject) == {"failure-store"}, subject
+    for subject in ("query.changes", "query.change", "query.audit"):
+        assert roles_that_answer(users, subject) == {"gatekeeper"}, subject
+
+
+def test_the_proposer_asks_the_failure_store_and_nothing_else(
+    users: dict[str, dict[str, Any]],
+) -> None:
+    queries = {s for s in publish_allow(users, "proposer") if s.startswith("query.")}
+    assert queries == {"query.failures", "query.groups", "query.count"}
+
+
+def test_people_and_approvers_may_read_the_audit_trail(users: dict[str, dict[str, Any]]) -> None:
+    for role in ("client", "approver"):
+        assert "query.>" in publish_allow(users, role), role
+        assert "change.>" in subscribe_allow(users, role), role
+
+
+def test_only_the_gatekeeper_announces_audit_records(users: dict[str, dict[str, Any]]) -> None:
+    assert roles_that_publish(users, "change.recorded") == {"gatekeeper"}

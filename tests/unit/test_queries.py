@@ -1,4 +1,5 @@
-"""The change list `ratchet changes` shows: one line per change, summarised from the audit trail."""
+"""The change list `ratchet changes` shows (one line per change, summarised from the audit trail),
+and the pages of the whole trail `ratchet audit` reads."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ratchet.queries import summarize
+import pytest
+from pydantic import ValidationError
+
+from ratchet.queries import AUDIT_PAGE_BYTES, AuditQuery, audit_page, summarize
 from ratchet.store import AuditRecord, open_store
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -33,8 +37,8 @@ def trail(*entries: tuple[str, str, dict[str, Any]]) -> list[AuditRecord]:
 
 def test_status_is_the_latest_kind_per_change_newest_first() -> None:
     records = trail(
-        ("a", "proposed", {"task": "answer-only", "failures": 20}),
-        ("b", "proposed", {"task": "extract", "failures": 21}),
+        ("a", "received", {"task": "answer-only", "failures": 20}),
+        ("b", "received", {"task": "extract", "failures": 21}),
         ("a", "measured", {"diff": 0.2}),
         ("b", "invalid", {"problems": ["empty"]}),
         ("a", "approved", {"approver": "policy"}),
@@ -74,8 +78,8 @@ def test_no_records_no_changes() -> None:
 
 async def test_summarize_reads_a_real_audit_trail(tmp_path: Path) -> None:
     async with open_store(f"sqlite:///{tmp_path}/t.db") as store:
-        await store.append_audit("old", "proposed", "proposer", {"task": "t1", "failures": 20})
-        await store.append_audit("new", "proposed", "proposer", {"task": "t2", "failures": 20})
+        await store.append_audit("old", "received", "proposer", {"task": "t1", "failures": 20})
+        await store.append_audit("new", "received", "proposer", {"task": "t2", "failures": 20})
         await store.append_audit("old", "rolled_back", "gatekeeper", {"before": 0.8})
         await store.append_audit("new", "kept", "gatekeeper", {"after": 0.9})
         records = await store.audit()
@@ -88,7 +92,7 @@ async def test_summarize_reads_a_real_audit_trail(tmp_path: Path) -> None:
 
 def test_reports_that_do_not_move_a_change_are_not_its_status() -> None:
     records = trail(
-        ("a", "proposed", {"task": "answer-only"}),
+        ("a", "received", {"task": "answer-only"}),
         ("a", "kept", {}),
         ("a", "holdout", {"lift": 0.1}),
         ("a", "decision_refused", {"why": "late"}),
@@ -98,3 +102,49 @@ def test_reports_that_do_not_move_a_change_are_not_its_status() -> None:
     summaries = summarize(records)
 
     assert [(s.change_id, s.status) for s in summaries] == [("a", "kept")]
+
+
+# --- audit pages ---------------------------------------------------------------------------------
+
+
+def read_all(records: list[AuditRecord], limit: int) -> list[list[int]]:
+    """Page through ``records`` as `ratchet audit` does; the seqs of each page."""
+    pages: list[list[int]] = []
+    after = 0
+    while True:
+        page = audit_page(records, AuditQuery(after_seq=after, limit=limit))
+        pages.append([r.seq for r in page.records])
+        if not page.more:
+            return pages
+        after = page.records[-1].seq
+
+
+def test_audit_pages_cover_the_trail_once_in_order() -> None:
+    records = trail(*[("a", "measured", {"i": i}) for i in range(7)])
+
+    assert read_all(records, limit=3) == [[1, 2, 3], [4, 5, 6], [7]]
+    assert read_all(records, limit=500) == [[1, 2, 3, 4, 5, 6, 7]]
+    assert read_all([], limit=3) == [[]]
+
+
+def test_audit_pages_skip_missing_seqs() -> None:
+    """A removed record leaves a gap; paging goes on past it (verifying names the gap)."""
+    records = [r for r in trail(*[("a", "measured", {})] * 5) if r.seq != 3]
+
+    assert read_all(records, limit=2) == [[1, 2], [4, 5]]
+
+
+def test_an_audit_page_stays_under_the_byte_budget_but_never_stalls() -> None:
+    big = "x" * (AUDIT_PAGE_BYTES // 3)
+    records = trail(*[("a", "measured", {"blob": big}) for _ in range(4)])
+
+    pages = read_all(records, limit=500)
+
+    assert pages == [[1, 2], [3, 4]]
+    huge = trail(("a", "measured", {"blob": "x" * (2 * AUDIT_PAGE_BYTES)}))
+    assert read_all(huge, limit=500) == [[1]]
+
+
+def test_an_audit_page_holds_at_most_500_records() -> None:
+    with pytest.raises(ValidationError):
+        AuditQuery(limit=501)

@@ -3,6 +3,9 @@ out."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from faststream import FastStream
 from faststream.specification import AsyncAPI
 
@@ -11,51 +14,73 @@ from ratchet.messaging import connect, durable_subscriber, event_publisher, make
 from ratchet.models import make_chat_model, model_label
 from ratchet.prompts import PromptReader
 from ratchet.rules import load_rules
-from ratchet.settings import get_settings
+from ratchet.settings import Settings, get_settings
 from ratchet.tools import get_tools
-from ratchet_executor.agent import Executor, load_agent_factory
-
-settings = get_settings()
-broker = make_broker(settings, name="executor")
-app = FastStream(
-    broker,
-    specification=AsyncAPI(title="Ratchet executor", description="Runs tasks with the agent."),
-)
-completed = event_publisher(broker, RunCompleted)
-state: dict[str, Executor] = {}
+from ratchet_executor.agent import Executor, PromptSource, load_agent_factory
 
 
-@app.on_startup
-async def start() -> None:
+def build_app(
+    settings: Settings | None = None, *, prompts: PromptSource | None = None
+) -> FastStream:
+    """The executor app. ``prompts``: a prompt source to use instead of the watched prompt store
+    (the in-memory wiring tests); by default the app connects to the store when it starts."""
+    settings = settings or get_settings()
     rules = load_rules(settings.rules_path)  # fail fast on a broken rules file
-    connection = await connect(settings, name="executor-prompts")
-    prompts = PromptReader(connection.jetstream())
-    await prompts.start()
     model = make_chat_model(settings.agent, local_port=settings.local_model_port)
-    factory = load_agent_factory(settings.agent_factory)
-    agent = factory(model, get_tools(settings.agent_tools), settings.agent_max_steps)
-    state["executor"] = Executor(
-        agent, model_label=model_label(settings.agent), rules=rules, prompts=prompts
+    agent = load_agent_factory(settings.agent_factory)(
+        model, get_tools(settings.agent_tools), settings.agent_max_steps
     )
+    broker = make_broker(settings, name="executor")
+    completed = event_publisher(broker, RunCompleted)
+    executor: Executor | None = None  # made at start, once the prompt store is watched
 
+    @asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        nonlocal executor
+        label = model_label(settings.agent)
+        if prompts is not None:
+            executor = Executor(agent, model_label=label, rules=rules, prompts=prompts)
+            yield
+            return
+        connection = await connect(settings, name="executor-prompts")
+        reader = PromptReader(connection.jetstream())
+        try:
+            await reader.start()
+            executor = Executor(agent, model_label=label, rules=rules, prompts=reader)
+            yield
+        finally:
+            await reader.stop()
+            await connection.close()
 
-@durable_subscriber(
-    broker,
-    RunRequested.subject,
-    durable="executor",
-    settings=settings,
-    description="Run the task and publish run.completed (a crashed run completes with its error).",
-)
-async def on_run_requested(request: RunRequested) -> None:
-    await publish(completed, await state["executor"].execute(request))
+    async def run(request: RunRequested) -> None:
+        if executor is None:
+            raise RuntimeError("the executor app has not started")
+        await publish(completed, await executor.execute(request))
 
+    @durable_subscriber(
+        broker,
+        RunRequested.subject,
+        durable="executor",
+        settings=settings,
+        description="Run the task and publish run.completed (a crashed run completes with its "
+        "error).",
+    )
+    async def on_run_requested(request: RunRequested) -> None:
+        await run(request)
 
-@durable_subscriber(
-    broker,
-    GateRunRequested.subject,
-    durable="executor-gate",
-    settings=settings,
-    description="A gate run for the gatekeeper's measurement of a change (same agent, same rules).",
-)
-async def on_gate_run_requested(request: GateRunRequested) -> None:
-    await publish(completed, await state["executor"].execute(request))
+    @durable_subscriber(
+        broker,
+        GateRunRequested.subject,
+        durable="executor-gate",
+        settings=settings,
+        description="A gate run for the gatekeeper's measurement of a change (same agent, same "
+        "rules).",
+    )
+    async def on_gate_run_requested(request: GateRunRequested) -> None:
+        await run(request)
+
+    return FastStream(
+        broker,
+        lifespan=lifespan,
+        specification=AsyncAPI(title="Ratchet executor", description="Runs tasks with the agent."),
+    )

@@ -12,7 +12,8 @@ A resumed node re-runs from its first line, so every side effect here is idempot
 are derived from the change and a secret nonce drawn once per change (a finished run is not
 requested again, and JetStream drops a repeated request), events carry ids derived from the
 change id, prompt writes check whether they already happened, and each audit kind is written
-once per change.
+once per change. The gatekeeper owns the audit trail (no other service writes it) and announces
+each record on ``change.recorded``, so followers wait on events instead of asking again and again.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ratchet.contracts import (
     ChangeAwaitingApproval,
     ChangeKept,
     ChangeProposed,
+    ChangeRecorded,
     ChangeRolledBack,
     Event,
     GateRunRequested,
@@ -48,7 +50,7 @@ from ratchet.prompts import PromptRecord, PromptVersion, StaleVersionError
 from ratchet.rules import Rules
 from ratchet.sequential import analyse, design_for_pool, paired_interval, regression_shown
 from ratchet.settings import GateSettings
-from ratchet.store import Store
+from ratchet.store import AuditRecord, Store
 from ratchet.suites import Case, Suite
 from ratchet_gatekeeper.checks import prompt_diff, validate
 from ratchet_gatekeeper.ledger import GateLedger
@@ -134,13 +136,29 @@ class Gate:
         *,
         key: str | None = None,
     ) -> None:
-        """Append one audit record of this kind for this change (and ``key``), once."""
+        """Append one audit record of this kind for this change (and ``key``), once, then
+        announce it on ``change.recorded`` (again after a crash: the event id is the record's
+        seq, so a repeat is dropped)."""
+        record = await self._recorded(change_id, kind, key)
+        if record is None:
+            record = await self.store.append_audit(
+                change_id, kind, actor, payload if key is None else {**payload, "key": key}
+            )
+        await self.publish(
+            ChangeRecorded(
+                id=f"{change_id}.recorded.{record.seq}",
+                change_id=change_id,
+                kind=kind,
+                seq=record.seq,
+            )
+        )
+
+    async def _recorded(self, change_id: str, kind: str, key: str | None) -> AuditRecord | None:
+        """The change's record of this kind (and ``key``), if it was written before."""
         for record in await self.store.audit(change_id):
             if record.kind == kind and (key is None or record.payload.get("key") == key):
-                return
-        await self.store.append_audit(
-            change_id, kind, actor, payload if key is None else {**payload, "key": key}
-        )
+                return record
+        return None
 
     def pool_order(self, change: ChangeProposed, nonce: str) -> list[Case]:
         """The gate pool in this change's own random order: the decision takes a prefix and the

@@ -1,10 +1,13 @@
-"""Proposer service: gathers a task's failures and proposes a new task prompt."""
+"""Proposer service: ``failure.logged`` in; once a task has gathered enough new failures (or on
+``query.propose``), it asks the failure store for them and their groups and publishes one
+``change.proposed``."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from faststream import FastStream
 from faststream.specification import AsyncAPI
@@ -21,72 +24,91 @@ from ratchet.messaging import (
 from ratchet.models import make_chat_model, model_label
 from ratchet.prompts import PromptReader
 from ratchet.queries import ProposeReply, ProposeRequest
-from ratchet.settings import get_settings
-from ratchet.store import open_store
-from ratchet_proposer.proposer import ProposalError, Proposer
+from ratchet.settings import Settings, get_settings
+from ratchet_proposer.failure_store import FailureStoreClient
+from ratchet_proposer.marks import ProposalMarks
+from ratchet_proposer.proposer import PromptSource, ProposalError, Proposer
 
-settings = get_settings()
-broker = make_broker(settings, name="proposer")
-app = FastStream(
-    broker,
-    specification=AsyncAPI(
-        title="Ratchet proposer", description="Proposes task-prompt changes from failure groups."
-    ),
-)
-proposed = event_publisher(broker, ChangeProposed)
-state: dict[str, Proposer] = {}
-resources = contextlib.AsyncExitStack()
-task_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+MARKS_FILE = "proposer.db"
 
 
-@app.on_startup
-async def start() -> None:
-    connection = await connect(settings, name="proposer-prompts")
-    resources.push_async_callback(connection.close)
-    prompts = PromptReader(connection.jetstream())
-    await prompts.start()
-    resources.push_async_callback(prompts.stop)
-    store = open_store(settings.resolved_store_url())
-    resources.push_async_callback(store.close)
-    state["proposer"] = Proposer(
-        make_chat_model(settings.proposer, local_port=settings.local_model_port),
-        label=model_label(settings.proposer),
-        store=store,
-        prompts=prompts,
-        min_failures=settings.min_failures_to_propose,
+def build_app(
+    settings: Settings | None = None, *, prompts: PromptSource | None = None
+) -> FastStream:
+    """The proposer app. ``prompts``: a prompt source to use instead of the watched prompt store
+    (the in-memory wiring tests); by default the app connects to the store when it starts."""
+    settings = settings or get_settings()
+    model = make_chat_model(settings.proposer, local_port=settings.local_model_port)
+    broker = make_broker(settings, name="proposer")
+    proposed = event_publisher(broker, ChangeProposed)
+    failures = FailureStoreClient(broker)
+    task_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+    proposer: Proposer | None = None  # made at start, once the prompt store is watched
+
+    @asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        nonlocal proposer
+        async with AsyncExitStack() as resources:
+            marks = await ProposalMarks.open(settings.home / MARKS_FILE)
+            resources.push_async_callback(marks.close)
+            proposer = Proposer(
+                model,
+                label=model_label(settings.proposer),
+                failures=failures,
+                prompts=prompts or await _watch_prompts(settings, resources),
+                marks=marks,
+                min_failures=settings.min_failures_to_propose,
+            )
+            yield
+
+    def started() -> Proposer:
+        if proposer is None:
+            raise RuntimeError("the proposer app has not started")
+        return proposer
+
+    async def propose(task: str) -> ChangeProposed:
+        """Propose, publish, then mark: a crash before the mark proposes the same failures again,
+        which gives the same change id (JetStream and the gatekeeper drop the repeat)."""
+        proposal = await started().propose(task)
+        await publish(proposed, proposal.change)
+        await started().mark(proposal)
+        return proposal.change
+
+    @durable_subscriber(
+        broker,
+        FailureLogged.subject,
+        durable="proposer",
+        settings=settings,
+        description="Count new failures per task; propose once enough have gathered.",
+    )
+    async def on_failure_logged(failure: FailureLogged) -> None:
+        async with task_locks[failure.task]:  # one proposal at a time per task
+            if await started().due(failure.task):
+                await propose(failure.task)
+
+    @broker.subscriber(f"{QUERY_PREFIX}.propose", description="Propose a change for a task now.")
+    async def propose_now(request: ProposeRequest) -> ProposeReply:
+        async with task_locks[request.task]:
+            try:
+                return ProposeReply(change=await propose(request.task))
+            except ProposalError as exc:
+                return ProposeReply(error=str(exc))
+
+    return FastStream(
+        broker,
+        lifespan=lifespan,
+        specification=AsyncAPI(
+            title="Ratchet proposer",
+            description="Proposes task-prompt changes from failure groups.",
+        ),
     )
 
 
-@app.after_shutdown
-async def stop() -> None:
-    await resources.aclose()
-
-
-async def _propose(task: str) -> ChangeProposed:
-    proposer = state["proposer"]
-    change = await proposer.propose(task)
-    await publish(proposed, change)
-    await proposer.record(change)
-    return change
-
-
-@durable_subscriber(
-    broker,
-    FailureLogged.subject,
-    durable="proposer",
-    settings=settings,
-    description="Count new failures per task; propose once enough have gathered.",
-)
-async def on_failure_logged(failure: FailureLogged) -> None:
-    async with task_locks[failure.task]:  # one proposal at a time per task
-        if await state["proposer"].due(failure.task):
-            await _propose(failure.task)
-
-
-@broker.subscriber(f"{QUERY_PREFIX}.propose", description="Propose a change for a task now.")
-async def propose_now(request: ProposeRequest) -> ProposeReply:
-    async with task_locks[request.task]:
-        try:
-            return ProposeReply(change=await _propose(request.task))
-        except ProposalError as exc:
-            return ProposeReply(error=str(exc))
+async def _watch_prompts(settings: Settings, resources: AsyncExitStack) -> PromptReader:
+    """The prompt store, watched over the proposer's own connection until ``resources`` close."""
+    connection = await connect(settings, name="proposer-prompts")
+    resources.push_async_callback(connection.close)
+    reader = PromptReader(connection.jetstream())
+    await reader.start()
+    resources.push_async_callback(reader.stop)
+    return reader

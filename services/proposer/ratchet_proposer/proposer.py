@@ -1,14 +1,18 @@
 """Turns a task's recent failures into one proposed task prompt.
 
 The proposer only proposes: it cannot write prompts (its NATS user is refused) and it never sees
-the gate set (failures are logged from live runs only). Failure text is untrusted: it is quoted
-inside ``<failures>`` with its own tags escaped, and the system prompt says to treat it as data.
+the gate set (failures are logged from live runs only). It owns no shared table: failures and
+their groups come from the failure store (``query.failures``, ``query.groups``), and the only
+thing it keeps is where each task's last proposal left off (:mod:`ratchet_proposer.marks`).
+Failure text is untrusted: it is quoted inside ``<failures>`` with its own tags escaped, and the
+system prompt says to treat it as data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -16,13 +20,12 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 
 from ratchet.contracts import ChangeProposed, FailureGroup
-from ratchet.grouping import group_failures
 from ratchet.prompts import DEFAULT_PROMPT, PromptVersion
-from ratchet.store import FailureQuery, FailureRecord, Store
+from ratchet.store import FailureQuery, FailureRecord
+from ratchet_proposer.marks import TICK
 
 MAX_FAILURES = 100
 EXAMPLES_PER_GROUP = 3
-PROPOSED = "proposed"  # the audit kind that marks a proposal, and so the start of the next count
 
 SYSTEM = """You improve the task prompt of an AI agent.
 You get the agent's current task prompt and its recent failures, grouped by problem.
@@ -37,8 +40,32 @@ class PromptSource(Protocol):
     def current(self, task: str) -> PromptVersion | None: ...
 
 
+class FailureSource(Protocol):
+    """The failure store's answers (``ratchet_proposer.failure_store.FailureStoreClient``)."""
+
+    async def failures(self, query: FailureQuery) -> list[FailureRecord]: ...
+
+    async def groups(self, query: FailureQuery) -> list[FailureGroup]: ...
+
+    async def count(self, task: str, since: datetime | None) -> int: ...
+
+
+class Marks(Protocol):
+    """Where each task's last proposal left off (``ratchet_proposer.marks.ProposalMarks``)."""
+
+    async def since(self, task: str) -> datetime | None: ...
+
+    async def mark(self, task: str, change_id: str, failures_until: datetime) -> None: ...
+
+
 class ProposalError(RuntimeError):
-    """The proposer model gave nothing usable."""
+    """No proposal this time: nothing new to learn from, or nothing usable came back."""
+
+
+@dataclass(frozen=True)
+class Proposal:
+    change: ChangeProposed
+    failures_until: datetime  # the newest failure it learned from: the next count starts after
 
 
 def _escape(text: str) -> str:
@@ -85,49 +112,44 @@ def parse_proposal(reply: str) -> tuple[str, str]:
 
 
 class Proposer:
+    """Proposes from the failures logged since the task's last proposal, read from the failure
+    store; it keeps only its own marks."""
+
     def __init__(
         self,
         model: BaseChatModel,
         *,
         label: str,
-        store: Store,
+        failures: FailureSource,
         prompts: PromptSource,
+        marks: Marks,
         min_failures: int,
     ) -> None:
         self.model = model
         self.label = label
-        self.store = store
+        self.failures = failures
         self.prompts = prompts
+        self.marks = marks
         self.min_failures = min_failures
 
-    async def last_proposal_at(self, task: str) -> datetime | None:
-        times = [
-            r.at
-            for r in await self.store.audit()
-            if r.kind == PROPOSED and r.payload.get("task") == task
-        ]
-        return max(times, default=None)
-
     async def due(self, task: str) -> bool:
-        """Enough new failures since the task's last proposal."""
-        since = await self.last_proposal_at(task)
-        return await self.store.count_failures(task, since=since) >= self.min_failures
+        """Enough new failures since the task's last proposal (one small count query)."""
+        return await self.failures.count(task, await self.marks.since(task)) >= self.min_failures
 
-    async def propose(self, task: str) -> ChangeProposed:
-        since = await self.last_proposal_at(task)
-        failures = await self.store.failures(
-            FailureQuery(task=task, since=since, limit=MAX_FAILURES)
-        )
+    async def propose(self, task: str) -> Proposal:
+        window = FailureQuery(task=task, since=await self.marks.since(task), limit=MAX_FAILURES)
+        failures = await self.failures.failures(window)
         if not failures:
             raise ProposalError(f"no failures of task {task!r} to learn from")
+        newest = max(f.logged_at for f in failures)
+        groups = await self._groups_of(window, failures, newest)
         current = self.prompts.current(task)
         current_text = current.record.text if current else DEFAULT_PROMPT
-        groups = group_failures([(f.run_id, f.problems) for f in failures])
         reply = await self.model.ainvoke(proposal_messages(task, current_text, groups, failures))
         prompt, rationale = parse_proposal(str(reply.content))
         used = sorted(f.run_id for f in failures)
         digest = hashlib.sha256(json.dumps([task, used]).encode()).hexdigest()[:16]
-        return ChangeProposed(
+        change = ChangeProposed(
             id=f"{digest}.proposed",
             change_id=digest,  # the same failures give the same change: a redelivery is harmless
             task=task,
@@ -138,11 +160,24 @@ class Proposer:
             failure_run_ids=used,
             proposer=f"proposer:{self.label}",
         )
+        return Proposal(change=change, failures_until=newest)
 
-    async def record(self, change: ChangeProposed) -> None:
-        await self.store.append_audit(
-            change.change_id,
-            PROPOSED,
-            change.proposer,
-            {"task": change.task, "failures": len(change.failure_run_ids)},
-        )
+    async def _groups_of(
+        self, window: FailureQuery, failures: list[FailureRecord], newest: datetime
+    ) -> list[FailureGroup]:
+        """The failure store's groups of exactly these failures: the same window, closed just
+        after the newest one, so failures logged meanwhile stay out."""
+        closed = window.model_copy(update={"until": newest + TICK})
+        groups = await self.failures.groups(closed)
+        grouped = sorted(run_id for group in groups for run_id in group.run_ids)
+        if grouped != sorted(f.run_id for f in failures):
+            raise ProposalError(
+                f"the failure store grouped other failures of {window.task!r} than it listed; "
+                "try again"
+            )
+        return groups
+
+    async def mark(self, proposal: Proposal) -> None:
+        """Start the task's next count after this proposal's failures (once it is published)."""
+        change = proposal.change
+        await self.marks.mark(change.task, change.change_id, proposal.failures_until)

@@ -1,7 +1,7 @@
-"""The policy approver: decides waiting changes by a rule a person chose, and signs as itself.
+"""The policy approver's rules: decide a waiting change from the gate's evidence alone.
 
-Auto-approval still goes through the gate, so every change keeps its audit trail (the seed's
-advice). The rule only reads the gate's test; nothing is approved on a raw difference:
+Auto-approval still goes through the gate, so every change keeps its audit trail. The rule only
+reads the gate's test; nothing is approved on a raw difference:
 
 - ``superior`` (default): approve when the paired sequential test showed the candidate better;
 - ``min-lift:X``: as ``superior``, and the estimated lift is at least X (e.g. ``min-lift:0.05``).
@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import math
 
-from faststream import FastStream
-
-from ratchet.contracts import ChangeApproved, ChangeAwaitingApproval, ChangeRejected, Measurement
-from ratchet.messaging import durable_subscriber, event_publisher, make_broker, publish
-from ratchet.settings import Settings
+from ratchet.contracts import Measurement
 
 DEFAULT_RULE = "superior"
 
@@ -58,28 +54,3 @@ def policy_decision(measurement: Measurement, rule: str) -> tuple[bool, str]:
     if m.lift < min_lift:
         return False, f"{numbers}; shown better, but the lift is under {min_lift:.0%}"
     return True, f"{numbers}; shown better"
-
-
-def build_approver_app(settings: Settings, rule: str) -> FastStream:
-    parse_rule(rule)  # an unknown rule fails here, before connecting
-    broker = make_broker(settings, name="policy-approver")
-    approved = event_publisher(broker, ChangeApproved)
-    rejected = event_publisher(broker, ChangeRejected)
-    approver = f"policy:{rule}"
-
-    @durable_subscriber(
-        broker, ChangeAwaitingApproval.subject, durable="policy-approver", settings=settings
-    )
-    async def decide(waiting: ChangeAwaitingApproval) -> None:
-        ok, why = policy_decision(waiting.measurement, rule)
-        decision_type = ChangeApproved if ok else ChangeRejected
-        decision = decision_type(
-            id=f"{waiting.change_id}.decision",
-            change_id=waiting.change_id,
-            approver=approver,
-            reason=why,
-            evidence_sha256=waiting.evidence_sha256,
-        )
-        await publish(approved if ok else rejected, decision)
-
-    return FastStream(broker)
