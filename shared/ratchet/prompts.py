@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -52,6 +52,12 @@ class PromptVersion(BaseModel):
     version: int
     record: PromptRecord
     created: datetime | None = None
+
+
+class PromptSource(Protocol):
+    """The read side every service uses (:class:`PromptReader`; fakes in tests)."""
+
+    def current(self, task: str) -> PromptVersion | None: ...
 
 
 class StaleVersionError(RuntimeError):

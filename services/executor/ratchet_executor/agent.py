@@ -19,7 +19,7 @@ from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode
 
 from ratchet.contracts import RunCompleted, RunRequested, TokenUsage, TraceStep
-from ratchet.prompts import DEFAULT_PROMPT, PromptVersion, sha256_text
+from ratchet.prompts import DEFAULT_PROMPT, PromptSource, sha256_text
 from ratchet.rules import Rules, compose_system_prompt
 
 TRACE_TEXT_LIMIT = 2000
@@ -73,8 +73,8 @@ def load_agent_factory(path: str | None) -> AgentFactory:
     return factory
 
 
-class PromptSource(Protocol):
-    def current(self, task: str) -> PromptVersion | None: ...
+class VersionedPromptSource(PromptSource, Protocol):
+    """The executor also waits for a version it was asked to run on (verify runs)."""
 
     async def wait_for_version(self, task: str, version: int, timeout: float = 10.0) -> None: ...
 
@@ -83,7 +83,7 @@ class Executor:
     """Runs one requested task through the agent and reports everything about the run."""
 
     def __init__(
-        self, agent: Agent, *, model_label: str, rules: Rules, prompts: PromptSource
+        self, agent: Agent, *, model_label: str, rules: Rules, prompts: VersionedPromptSource
     ) -> None:
         self.agent = agent
         self.model_label = model_label

@@ -16,11 +16,11 @@ from ratchet.prompts import PromptReader
 from ratchet.rules import load_rules
 from ratchet.settings import Settings, get_settings
 from ratchet.tools import get_tools
-from ratchet_executor.agent import Executor, PromptSource, load_agent_factory
+from ratchet_executor.agent import Executor, VersionedPromptSource, load_agent_factory
 
 
 def build_app(
-    settings: Settings | None = None, *, prompts: PromptSource | None = None
+    settings: Settings | None = None, *, prompts: VersionedPromptSource | None = None
 ) -> FastStream:
     """The executor app. ``prompts``: a prompt source to use instead of the watched prompt store
     (the in-memory wiring tests); by default the app connects to the store when it starts."""

@@ -22,12 +22,12 @@ from ratchet.messaging import (
     publish,
 )
 from ratchet.models import make_chat_model, model_label
-from ratchet.prompts import PromptReader
+from ratchet.prompts import PromptReader, PromptSource
 from ratchet.queries import ProposeReply, ProposeRequest
 from ratchet.settings import Settings, get_settings
 from ratchet_proposer.failure_store import FailureStoreClient
 from ratchet_proposer.marks import ProposalMarks
-from ratchet_proposer.proposer import PromptSource, ProposalError, Proposer
+from ratchet_proposer.proposer import ProposalError, Proposer
 
 MARKS_FILE = "proposer.db"
 
