@@ -45,7 +45,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
 from ratchet.contracts import Event, FailureLogged, RunCompleted, RunRequested, RunScored
-from ratchet.messaging import DUPLICATE_WINDOW_S, EVENTS_STREAM, connect
+from ratchet.messaging import DUPLICATE_WINDOW_S, EVENTS_STREAM, connect, publish_js
 from ratchet.models import make_chat_model, model_label
 from ratchet.natsproc import LocalNats, free_port
 from ratchet.prompts import PromptReader
@@ -81,13 +81,7 @@ def raw_subject(event: type[Event]) -> str:
 
 async def raw_publish(js: JetStreamContext, event: Event) -> None:
     """Same guarantees as ``ratchet.messaging.publish``: acked by the stream, deduplicated."""
-    await js.publish(
-        raw_subject(type(event)),
-        event.model_dump_json().encode(),
-        stream=RAW_STREAM,
-        headers={"Nats-Msg-Id": f"{event.subject}:{event.id}"},
-        timeout=10.0,
-    )
+    await publish_js(js, event, subject=raw_subject(type(event)), stream=RAW_STREAM)
 
 
 async def raw_serve(
@@ -293,15 +287,7 @@ async def drive(
         for request in requests:
             await asyncio.wait_for(slots.acquire(), timeout)
             published[request.run_id] = time.perf_counter()
-            ack = asyncio.create_task(
-                js.publish(
-                    subject,
-                    request.model_dump_json().encode(),
-                    stream=stream,
-                    headers={"Nats-Msg-Id": f"{request.subject}:{request.id}"},
-                    timeout=10.0,
-                )
-            )
+            ack = asyncio.create_task(publish_js(js, request, subject=subject, stream=stream))
             acks.add(ack)
             ack.add_done_callback(acks.discard)
         await asyncio.wait_for(finished.wait(), timeout)

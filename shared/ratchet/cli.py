@@ -38,7 +38,7 @@ from ratchet.contracts import (
     RunRequested,
 )
 from ratchet.evidence import describe, describe_after
-from ratchet.messaging import QUERY_PREFIX
+from ratchet.messaging import QUERY_PREFIX, publish_js
 from ratchet.prompts import read_current, read_history
 from ratchet.queries import (
     AuditPage,
@@ -266,12 +266,7 @@ async def propose_own(args: argparse.Namespace) -> int:
 
 
 async def publish_change(nc: Client, change: ChangeProposed) -> None:
-    await nc.jetstream().publish(
-        change.subject,
-        change.model_dump_json().encode(),
-        headers={"Nats-Msg-Id": f"{change.subject}:{change.id}"},
-        timeout=5,
-    )
+    await publish_js(nc.jetstream(), change, timeout=5)
 
 
 async def cmd_changes(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from ratchet.contracts import (
     RunRequested,
     RunScored,
 )
-from ratchet.messaging import QUERY_PREFIX, connect
+from ratchet.messaging import QUERY_PREFIX, connect, publish_js
 from ratchet.queries import ChangeQuery
 from ratchet.settings import Settings, get_settings
 from ratchet.store import AuditRecord
@@ -158,12 +158,7 @@ async def submit_and_wait(
 
     subs = [await nc.subscribe(s, cb=on_message) for s in EXPECTED]
     try:
-        ack = nc.jetstream().publish(
-            request_.subject,
-            request_.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": f"{request_.subject}:{request_.id}"},
-            timeout=5,
-        )
+        ack = publish_js(nc.jetstream(), request_, timeout=5)
         try:
             await ack
         except NoStreamResponseError as exc:
@@ -234,12 +229,7 @@ async def send_decision(change_id: str, *, approve: bool, reason: str, approver:
         decision = decision_type(
             change_id=change_id, approver=approver, reason=reason, evidence_sha256=evidence
         )
-        await nc.jetstream().publish(
-            decision.subject,
-            decision.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": f"{decision.subject}:{decision.id}"},
-            timeout=5,
-        )
+        await publish_js(nc.jetstream(), decision, timeout=5)
 
     nc = await open_client(settings, on_error=on_error)
     deciding = asyncio.ensure_future(decide())

@@ -173,13 +173,32 @@ def event_publisher(broker: NatsBroker, event_type: type[Event]) -> LogicPublish
     )
 
 
+def dedup_headers(event: Event) -> dict[str, str]:
+    """``Nats-Msg-Id`` from the event's id: JetStream drops a second publish of the same event."""
+    return {"Nats-Msg-Id": f"{event.subject}:{event.id}"}
+
+
 async def publish(publisher: LogicPublisher, event: Event) -> None:
     """Publish to JetStream and wait for the ack; ``Nats-Msg-Id`` makes a retry harmless."""
-    await publisher.publish(
-        event,
-        headers={"Nats-Msg-Id": f"{event.subject}:{event.id}"},
-        stream=EVENTS_STREAM,
-        timeout=10.0,
+    await publisher.publish(event, headers=dedup_headers(event), stream=EVENTS_STREAM, timeout=10.0)
+
+
+async def publish_js(
+    js: JetStreamContext,
+    event: Event,
+    *,
+    subject: str | None = None,
+    stream: str = EVENTS_STREAM,
+    timeout: float = 10.0,
+) -> None:
+    """:func:`publish` for a plain nats-py client (the CLI, tools): the same ack and the same
+    deduplication, on the event's own subject unless told otherwise."""
+    await js.publish(
+        subject or event.subject,
+        event.model_dump_json().encode(),
+        stream=stream,
+        headers=dedup_headers(event),
+        timeout=timeout,
     )
 
 
