@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -10,6 +11,18 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def config_dir(repo_root: Path = REPO_ROOT, prefix: Path = Path(sys.prefix)) -> Path:
+    """Where the pinned rules and the suites are by default: ``config/`` of a source checkout, or
+    the copy an installed package puts under ``<prefix>/share/ratchet/config`` (pyproject's
+    data-files). ``RATCHET_RULES_PATH`` and ``RATCHET_SUITES_DIR`` override both."""
+    checkout = repo_root / "config"
+    installed = prefix / "share" / "ratchet" / "config"
+    for candidate in (checkout, installed):
+        if (candidate / "behavior_rules.json").is_file():
+            return candidate
+    return checkout  # neither: the error that follows names the checkout's path
 
 
 class ModelSettings(BaseSettings):
@@ -65,8 +78,8 @@ class Settings(BaseSettings):
     store_url: str = Field(
         default="", description='"sqlite:///path.db" or "mongodb://…"; empty = sqlite in home.'
     )
-    rules_path: Path = REPO_ROOT / "config" / "behavior_rules.json"
-    suites_dir: Path = REPO_ROOT / "config" / "suites"
+    rules_path: Path = Field(default_factory=lambda: config_dir() / "behavior_rules.json")
+    suites_dir: Path = Field(default_factory=lambda: config_dir() / "suites")
 
     agent: ModelSettings = Field(default_factory=ModelSettings)
     judge: ModelSettings = Field(default_factory=ModelSettings)
