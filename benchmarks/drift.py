@@ -36,7 +36,7 @@ so the benchmark memoises it on those counts (same verdicts, far fewer calls).
     .venv/bin/python benchmarks/drift.py                    # full size, under a minute
     .venv/bin/python benchmarks/drift.py --proposals 500 --histories 40 --json drift.json
 
-``--e2e``: mode (b), the same loop end to end through the real services: ``ratchet.up``'s
+``--e2e``: mode (b), the same loop end to end through the real services: ``ratchet.cli.up``'s
 nats-server and every service as a process, the executor's model ``scripted:world`` (the same
 world, ``RATCHET_WORLD__*``), the policy approver (``ratchet approver --rule superior``). Each of
 ``--cycles`` cycles runs the suite's learn cases live until a failure is logged, asks the real
@@ -83,9 +83,9 @@ from ratchet.world import (
 )
 
 if TYPE_CHECKING:
+    from ratchet.cli.up import Stack
     from ratchet.settings import GateSettings
     from ratchet.suites import Suite
-    from ratchet.up import Stack
 
 Ints = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
@@ -753,10 +753,10 @@ def run_e2e(cfg: E2EConfig, home: Path) -> dict[str, Any]:
     import subprocess
     import tempfile
 
+    from ratchet.cli.up import start_stack
     from ratchet.natsproc import free_port
     from ratchet.settings import ModelSettings, Settings, to_env
     from ratchet.suites import Suite, save_suite
-    from ratchet.up import start_stack
     from ratchet.world import world_suite
 
     suite = Suite.model_validate(
@@ -798,7 +798,7 @@ async def e2e_cycles(cfg: E2EConfig, stack: Stack, suite: Suite) -> dict[str, An
     the gate (and the policy approver) to finish the change."""
     from collections import Counter
 
-    from ratchet.client import fetch_trail, submit_and_wait
+    from ratchet.cli.client import fetch_trail, submit_and_wait
     from ratchet.contracts import ChangeProposed, RunRequested
     from ratchet.messaging import EVENTS_STREAM, connect
     from ratchet.prompts import read_current

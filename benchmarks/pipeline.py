@@ -2,7 +2,7 @@
 
 Two sides run in one invocation on one nats-server, one after the other:
 
-- ``services``: the real executor, evaluator and failure-store processes (``ratchet.up``), as
+- ``services``: the real executor, evaluator and failure-store processes (``ratchet.cli.up``), as
   deployed: FastStream apps, per-service NATS users, the dead-letter middleware.
 - ``raw``: the same three hops hand-written with nats-py, one process each, doing the same work
   per run (``Executor.execute`` with the default LangGraph agent, ``score_run``,
@@ -44,6 +44,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
+from ratchet.cli.up import Stack, start_stack
 from ratchet.contracts import Event, FailureLogged, RunCompleted, RunRequested, RunScored
 from ratchet.messaging import DUPLICATE_WINDOW_S, EVENTS_STREAM, connect, publish_js
 from ratchet.models import make_chat_model, model_label
@@ -55,7 +56,6 @@ from ratchet.settings import ModelSettings, Settings, to_env
 from ratchet.store import open_store
 from ratchet.suites import load_suites
 from ratchet.tools import get_tools
-from ratchet.up import Stack, start_stack
 from ratchet_evaluator.judge import Judge
 from ratchet_evaluator.scoring import score_run
 from ratchet_executor.agent import Executor, load_agent_factory

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import nats
 
-from ratchet.client import ClientError
 from ratchet.messaging import connect, ensure_streams
 from ratchet.natsconf import generate_passwords, render_config
 from ratchet.settings import Settings
@@ -22,7 +21,7 @@ from ratchet.settings import Settings
 HOST = "127.0.0.1"  # where the nats-server of `ratchet up` listens (render_config's default)
 
 
-class NatsStartError(ClientError):
+class NatsStartError(Exception):
     """Ratchet's nats-server could not start, in one line (the CLI prints it as an error)."""
 
 

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 from pydantic import TypeAdapter
 
-from ratchet.client import submit_and_wait
+from ratchet.cli.client import submit_and_wait
+from ratchet.cli.up import Stack, start_stack
 from ratchet.contracts import Check, RunRequested
 from ratchet.messaging import QUERY_PREFIX, connect
 from ratchet.models import LOCAL_MODEL_NAME
@@ -16,7 +17,6 @@ from ratchet.natsproc import free_port
 from ratchet.services import SERVICES
 from ratchet.settings import Settings
 from ratchet.store import FailureQuery, FailureRecord
-from ratchet.up import Stack, start_stack
 
 pytestmark = pytest.mark.local_model
 

@@ -27,7 +27,8 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from ratchet.client import fetch_trail
+from ratchet.cli.client import fetch_trail
+from ratchet.cli.up import Stack, start_stack
 from ratchet.contracts import ChangeProposed, ChangeRecorded, Measurement
 from ratchet.evidence import VERDICTS, describe, describe_after
 from ratchet.messaging import EVENTS_STREAM, connect
@@ -35,7 +36,6 @@ from ratchet.natsproc import free_port
 from ratchet.prompts import PromptVersion, read_current
 from ratchet.settings import GateSettings, ModelSettings, Settings, to_env
 from ratchet.suites import Suite, save_suite
-from ratchet.up import Stack, start_stack
 from ratchet.world import BASE_PROMPT, format_prompt, world_suite
 
 TASK = "world"

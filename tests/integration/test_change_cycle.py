@@ -21,7 +21,8 @@ from urllib.parse import urlparse
 import pytest
 from nats.aio.client import Client
 
-from ratchet.client import submit_and_wait
+from ratchet.cli.client import submit_and_wait
+from ratchet.cli.up import Stack, _wait_for_consumers, start_stack
 from ratchet.contracts import Check, RunRequested
 from ratchet.messaging import connect
 from ratchet.natsconf import ROLES
@@ -30,7 +31,6 @@ from ratchet.prompts import read_current
 from ratchet.services import CORE_SERVICES
 from ratchet.settings import GateSettings, ModelSettings, Settings, to_env
 from ratchet.suites import load_suite
-from ratchet.up import Stack, _wait_for_consumers, start_stack
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = load_suite(REPO / "config" / "suites" / "demo.json")

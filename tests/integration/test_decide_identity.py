@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from ratchet.cli.up import Stack, start_stack
 from ratchet.natsproc import free_port
 from ratchet.settings import GateSettings, ModelSettings, Settings, to_env
 from ratchet.suites import load_suite
-from ratchet.up import Stack, start_stack
 
 REPO = Path(__file__).resolve().parents[2]
 TASK = load_suite(REPO / "config" / "suites" / "demo.json").name

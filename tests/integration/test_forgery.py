@@ -32,7 +32,8 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from ratchet.client import ClientError, fetch_trail, submit_and_wait
+from ratchet.cli.client import ClientError, fetch_trail, submit_and_wait
+from ratchet.cli.up import Stack, start_stack
 from ratchet.contracts import (
     ChangeApproved,
     ChangeAwaitingApproval,
@@ -52,7 +53,6 @@ from ratchet.prompts import read_current
 from ratchet.queries import ProposeReply, ProposeRequest
 from ratchet.settings import GateSettings, ModelSettings, Settings, to_env
 from ratchet.suites import load_suite
-from ratchet.up import Stack, start_stack
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = load_suite(REPO / "config" / "suites" / "demo.json")

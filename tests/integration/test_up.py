@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from ratchet.cli.up import start_stack
 from ratchet.natsproc import free_port
 from ratchet.services import CORE_SERVICES, SERVICES, get_service
 from ratchet.settings import ModelSettings, Settings
-from ratchet.up import start_stack
 
 
 def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:

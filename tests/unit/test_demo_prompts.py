@@ -8,8 +8,8 @@ import pytest
 from conftest import measurement
 from rich.console import Console
 
+from ratchet.cli.demo import DemoReport, ask_person, print_summary
 from ratchet.contracts import TokenUsage
-from ratchet.demo import DemoReport, ask_person, print_summary
 
 
 def test_ask_person_shows_the_choices_and_insists_on_one(monkeypatch: pytest.MonkeyPatch) -> None:

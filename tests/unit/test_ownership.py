@@ -6,8 +6,9 @@ Every table has one owning service (docs/architecture.md, "Who owns what"): ``ru
 - only the two owners open the shared store at all (``open_store``);
 - each write to a shared table (the store's write methods have names nothing else uses) is made
   from its owner's package only;
-- no operator tool (``ratchet.cli``, ``ratchet.demo``, ``ratchet.client``, and everything they
-  import from this project) can reach a database: they ask the owners over NATS.
+- no operator tool (the ``ratchet.cli`` package: the commands, ``demo``, ``client``, ``up``, and
+  everything they import from this project) can reach a database: they ask the owners over NATS;
+- the library and the services never import the operator tools.
 
 Reads are not told apart here: ``Store.audit`` and ``Store.failures`` share their names with the
 gatekeeper's ``Gate.audit`` and the proposer's ``FailureStoreClient.failures``. A service reading a
@@ -34,7 +35,7 @@ WRITES = {
 }
 DATABASE_NAMES = {"open_store", "SqliteStore", "MongoStore"}
 DRIVERS = {"sqlite3", "aiosqlite", "pymongo"}
-TOOLS = ("ratchet.cli", "ratchet.demo", "ratchet.client")
+TOOLS_PACKAGE = "ratchet.cli"  # the operator tools: the CLI's commands, client, demo, up, render
 
 
 def project_modules() -> Iterator[tuple[str, ast.Module]]:
@@ -70,6 +71,10 @@ def imports(tree: ast.Module) -> set[str]:
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return found
+
+
+def is_tool(module: str) -> bool:
+    return module == TOOLS_PACKAGE or module.startswith(f"{TOOLS_PACKAGE}.")
 
 
 def package_of(module: str) -> str:
@@ -114,14 +119,29 @@ def reachable_from(roots: tuple[str, ...]) -> dict[str, ast.Module]:
 
 
 def test_no_operator_tool_can_reach_a_database() -> None:
-    reached = reachable_from(TOOLS)
-    assert set(TOOLS) <= reached.keys()
-    assert all(importlib.util.find_spec(name) is not None for name in TOOLS)
+    tools = tuple(name for name, _ in project_modules() if is_tool(name))
+    assert {"ratchet.cli", "ratchet.cli.demo", "ratchet.cli.client"} <= set(tools)
+    reached = reachable_from(tools)
+    assert set(tools) <= reached.keys()
+    assert all(importlib.util.find_spec(name) is not None for name in tools)
 
     offenders = {
         name: sorted(DATABASE_NAMES & names_used(tree) | {i for i in imports(tree) if i in DRIVERS})
         for name, tree in reached.items()
         if not name.startswith(STORE_PACKAGE)
+    }
+
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_the_library_and_the_services_do_not_import_the_operator_tools() -> None:
+    modules = dict(project_modules())
+    assert TOOLS_PACKAGE in modules  # the scan sees the tools, so an empty answer means something
+
+    offenders = {
+        name: sorted(i for i in imports(tree) if is_tool(i))
+        for name, tree in modules.items()
+        if not is_tool(name)
     }
 
     assert {name: found for name, found in offenders.items() if found} == {}

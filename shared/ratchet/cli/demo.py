@@ -25,7 +25,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ratchet.client import ClientError, fetch_trail, request, send_decision, submit_and_wait
+from ratchet.cli.client import ClientError, fetch_trail, request, send_decision, submit_and_wait
+from ratchet.cli.render import print_evidence
 from ratchet.contracts import (
     ChangeProposed,
     ChangeRecorded,
@@ -155,8 +156,6 @@ async def run_demo(
     console: Console,
     gate_timeout: float = 1800,
 ) -> DemoReport:
-    from ratchet.cli import print_evidence
-
     started = time.monotonic()
     meter = UsageMeter()
     follower = ChangeFollower()

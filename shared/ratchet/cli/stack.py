@@ -1,0 +1,192 @@
+"""Running and deploying Ratchet: ``ratchet up``, ``init-streams``, ``natsconf``, ``approver``
+and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+from ratchet.cli.client import ClientError, client_settings, open_client
+from ratchet.cli.render import console
+from ratchet.settings import get_settings
+from ratchet_approver.policy import DEFAULT_RULE
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from ratchet.cli.up import start_stack
+
+    settings = get_settings()
+    console.print(f"[bold]Ratchet[/] starting in {settings.home.resolve()}")
+
+    def ready(name: str, seconds: float) -> None:
+        console.print(f"  [green]ready[/] {name:<16} {seconds:5.1f}s")
+
+    stack = start_stack(settings, evaluators=args.evaluators, on_ready=ready)
+    console.print(
+        f"All up. NATS at {settings.nats_url}. Logs in {settings.home}/logs. Ctrl-C stops."
+    )
+    try:
+        while not (dead := stack.dead()):
+            time.sleep(0.5)
+        console.print(f"[red]{', '.join(dead)} exited[/]; stopping everything")
+        return 1
+    except KeyboardInterrupt:
+        console.print("stopping…")
+        return 0
+    finally:
+        stack.stop()
+        console.print("stopped")
+
+
+def cmd_approver(args: argparse.Namespace) -> int:
+    from ratchet_approver.app import build_app
+
+    settings = client_settings(role="approver")
+    if args.rule is not None:
+        settings = settings.model_copy(update={"approver_rule": args.rule})
+    try:
+        app = build_app(settings)
+    except ValueError as exc:
+        raise ClientError(str(exc)) from exc
+    console.print(f"policy approver running with rule {settings.approver_rule!r}; Ctrl-C stops")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(app.run())
+    return 0
+
+
+def cmd_natsconf(args: argparse.Namespace) -> int:
+    """Write a nats-server config with fresh per-service passwords, and an env file for them."""
+    from ratchet.natsconf import generate_passwords, render_config
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    passwords = generate_passwords()
+    (out / "nats-server.conf").write_text(
+        render_config(passwords, port=4222, store_dir=Path("/data/jetstream"), host="0.0.0.0")
+    )
+    env = out / "passwords.env"
+    env.touch(mode=0o600)
+    env.write_text(
+        "".join(
+            f"RATCHET_PW_{name.upper().replace('-', '_')}={pw}\n" for name, pw in passwords.items()
+        )
+    )
+    console.print(f"wrote {out / 'nats-server.conf'} and {env} (keep it secret)")
+    return 0
+
+
+async def cmd_init_streams(args: argparse.Namespace) -> int:
+    """Create the streams and the prompt bucket (needs the admin user)."""
+    from ratchet.messaging import ensure_streams
+
+    settings = get_settings()
+    nc = await open_client(settings)
+    try:
+        await ensure_streams(nc.jetstream())
+    finally:
+        await nc.close()
+    console.print("streams ready")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import shutil
+
+    from ratchet.cli.demo import print_summary, run_demo, write_report
+    from ratchet.cli.up import start_stack
+    from ratchet.models import model_label
+    from ratchet.suites import load_suite
+
+    settings = get_settings()
+    suite_path = settings.suites_dir / f"{args.suite}.json"
+    try:
+        suite = load_suite(suite_path)
+    except (OSError, ValueError) as exc:
+        raise ClientError(f"cannot load suite {args.suite!r} from {suite_path}: {exc}") from exc
+    if not args.yes and not sys.stdin.isatty():
+        raise ClientError(
+            "no terminal to ask for approval: pass --yes to let the policy approver decide"
+        )
+
+    stack = None
+    if not _stack_running():
+        if args.fresh and settings.home.exists():
+            shutil.rmtree(settings.home)
+        # the demo asks for its proposal itself, so the proposer's automatic trigger is off
+        own = settings.model_copy(update={"min_failures_to_propose": 10**9})
+        console.print(
+            f"[bold]starting Ratchet[/] (agent: {model_label(settings.agent)}) in {settings.home}"
+        )
+        stack = start_stack(
+            own, on_ready=lambda name, s: console.print(f"  [green]ready[/] {name} ({s:.1f}s)")
+        )
+
+    async def demo() -> int:
+        nc = await open_client(client_settings())
+        try:
+            report = await run_demo(
+                nc,
+                suite,
+                model=model_label(settings.agent),
+                threshold=settings.failure_threshold,
+                auto_approve_rule=args.rule if args.yes else None,
+                console=console,
+            )
+        finally:
+            await nc.close()
+        print_summary(report, console)
+        if args.report:
+            write_report(report, Path(args.report))
+            console.print(f"report written to {args.report}")
+        return 0
+
+    try:
+        return asyncio.run(demo())
+    finally:
+        if stack is not None:
+            stack.stop()
+
+
+def _stack_running() -> bool:
+    """Whether a `ratchet up` already answers at the configured address."""
+
+    async def probe() -> bool:
+        try:
+            nc = await open_client(client_settings())
+        except ClientError:
+            return False
+        await nc.close()
+        return True
+
+    return asyncio.run(probe())
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    up = sub.add_parser("up", help="start nats-server, the local model and every service")
+    up.add_argument("--evaluators", type=int, default=1, help="evaluator replicas (default 1)")
+    up.set_defaults(handler=cmd_up, is_async=False)
+
+    init = sub.add_parser("init-streams", help="create the streams (as the NATS admin user)")
+    init.set_defaults(handler=cmd_init_streams, is_async=True)
+
+    natsconf = sub.add_parser("natsconf", help="write a nats-server config for a deployment")
+    natsconf.add_argument("--out", default="deploy")
+    natsconf.set_defaults(handler=cmd_natsconf, is_async=False)
+
+    approver = sub.add_parser("approver", help="run the policy approver")
+    approver.add_argument(
+        "--rule", help=f"superior | min-lift:X (default: RATCHET_APPROVER_RULE or {DEFAULT_RULE})"
+    )
+    approver.set_defaults(handler=cmd_approver, is_async=False)
+
+    demo = sub.add_parser("demo", help="the whole improvement loop, start to finish")
+    demo.add_argument("--suite", default="demo", help="suite name in config/suites (default demo)")
+    demo.add_argument("--yes", action="store_true", help="let the policy approver decide")
+    demo.add_argument("--rule", default=DEFAULT_RULE, help="the policy approver's rule")
+    demo.add_argument("--report", help="write a JSON report here")
+    demo.add_argument("--fresh", action="store_true", help="start from an empty state directory")
+    demo.set_defaults(handler=cmd_demo, is_async=False)
