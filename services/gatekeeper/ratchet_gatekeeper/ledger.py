@@ -16,6 +16,7 @@ from typing import Self
 import aiosqlite
 
 from ratchet.contracts import RunScored, utcnow
+from ratchet.store.sqlite import open_own_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gate_runs (
@@ -45,12 +46,7 @@ class GateLedger:
 
     @classmethod
     async def open(cls, path: Path) -> Self:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.executescript(SCHEMA)
-        await db.commit()
-        return cls(db)
+        return cls(await open_own_db(path, SCHEMA))
 
     async def close(self) -> None:
         await self.db.close()

@@ -16,6 +16,7 @@ import aiosqlite
 
 from ratchet.audit import utc_text
 from ratchet.contracts import utcnow
+from ratchet.store.sqlite import open_own_db
 
 # The stores keep failure times to the microsecond: one tick past a mark is "after" it.
 TICK = timedelta(microseconds=1)
@@ -36,12 +37,7 @@ class ProposalMarks:
 
     @classmethod
     async def open(cls, path: Path) -> Self:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.executescript(SCHEMA)
-        await db.commit()
-        return cls(db)
+        return cls(await open_own_db(path, SCHEMA))
 
     async def close(self) -> None:
         await self.db.close()

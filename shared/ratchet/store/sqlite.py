@@ -29,6 +29,18 @@ from ratchet.store.base import (
 
 BUSY_TIMEOUT_MS = 30_000
 
+
+async def open_own_db(path: Path, schema: str) -> aiosqlite.Connection:
+    """A service's own small SQLite file (the gatekeeper's run ledger, the proposer's marks):
+    created with its tables if new, in WAL mode like the store."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = await aiosqlite.connect(path)
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.executescript(schema)
+    await db.commit()
+    return db
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id    TEXT PRIMARY KEY,
