@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from ratchet.contracts import Measurement
 from ratchet.natsproc import LocalNats, free_port, start_nats
+from ratchet.settings import Settings, to_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,3 +62,21 @@ def measurement(**changes: object) -> Measurement:
         "pool_budget": 50,
     }
     return Measurement.model_validate({**fields, **changes})
+
+
+@contextmanager
+def policy_approver(settings: Settings, rule: str = "superior") -> Iterator[None]:
+    """The policy approver as its own process, started the way a user does (`ratchet approver`),
+    logging to ``home/logs/policy-approver.log``."""
+    with open(settings.home / "logs" / "policy-approver.log", "wb") as log:
+        approver = subprocess.Popen(
+            [sys.executable, "-m", "ratchet.cli", "approver", "--rule", rule],
+            env=to_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield
+        finally:
+            approver.terminate()
+            approver.wait(timeout=10)

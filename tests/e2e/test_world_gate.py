@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import policy_approver
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -266,19 +267,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, dic
         for key, value in WORLD_ENV.items():
             env.setenv(key, value)  # start_stack passes its own environment to every service
         stack = start_stack(world_settings(tmp))
-    log = open(stack.settings.home / "logs" / "policy-approver.log", "wb")  # noqa: SIM115
-    approver = subprocess.Popen(
-        [sys.executable, "-m", "ratchet.cli", "approver", "--rule", "superior"],
-        env=to_env(stack.settings),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     try:
-        yield stack, asyncio.run(drive(stack))
+        with policy_approver(stack.settings):
+            yield stack, asyncio.run(drive(stack))
     finally:
-        approver.terminate()
-        approver.wait(timeout=10)
-        log.close()
         stack.stop()
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from conftest import policy_approver
 from nats.aio.client import Client
 
 from ratchet.cli.client import submit_and_wait
@@ -165,20 +166,9 @@ async def test_a_fix_is_measured_approved_applied_used_and_kept(
 
 @pytest.mark.parametrize("stack", ["proposer-harm"], indirect=True)
 async def test_policy_approver_rejects_a_harmful_change(stack: Stack, client: Client) -> None:
-    log = open(stack.settings.home / "logs" / "policy-approver.log", "wb")  # noqa: SIM115
-    approver = subprocess.Popen(
-        [sys.executable, "-m", "ratchet.cli", "approver", "--rule", "superior"],
-        env=to_env(stack.settings),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    with policy_approver(stack.settings):
         await gather_failures(client)
         rejected = await wait_for_status(stack, {"rejected", "approved"})
-    finally:
-        approver.terminate()
-        approver.wait(timeout=10)
-        log.close()
     assert rejected["status"] == "rejected"
     shown = json.loads(cli(stack, "show", rejected["change_id"], "--json").stdout)
     decision = next(r for r in shown if r["kind"] == "rejected")

@@ -29,6 +29,7 @@ from typing import Any
 
 import nats
 import pytest
+from conftest import policy_approver
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -270,14 +271,7 @@ def honest_current_passes(case_id: str) -> bool:
 async def test_a_client_cannot_forge_the_measurement(stack: Stack, forger: Forger) -> None:
     assert forger.nc is not None
     nc = forger.nc
-    log = open(stack.settings.home / "logs" / "policy-approver.log", "wb")  # noqa: SIM115
-    approver = subprocess.Popen(
-        [sys.executable, "-m", "ratchet.cli", "approver", "--rule", "superior"],
-        env=to_env(stack.settings),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    with policy_approver(stack.settings):
         # 1. the gate's own subject is closed to the client: the server refuses the publish
         refused = GateRunRequested(
             run_id=f"forged-gate-{secrets.token_hex(4)}",
@@ -340,10 +334,6 @@ async def test_a_client_cannot_forge_the_measurement(stack: Stack, forger: Forge
         kinds = await trail_until(
             nc, change_id, lambda k: "rejected" in k or "approved" in k, "a decision"
         )
-    finally:
-        approver.terminate()
-        approver.wait(timeout=10)
-        log.close()
 
     # the measurement is the honest one: the candidate passed nothing, the verdict is no win
     trail = await cli_json(stack, "show", change_id)
