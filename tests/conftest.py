@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -9,8 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from nats.aio.msg import Msg
 
-from ratchet.contracts import Measurement
+from ratchet.cli.client import ClientError, fetch_trail
+from ratchet.cli.up import Stack
+from ratchet.contracts import ChangeRecorded, Measurement
+from ratchet.messaging import connect
 from ratchet.natsproc import LocalNats, free_port, start_nats
 from ratchet.settings import Settings, to_env
 
@@ -80,3 +85,35 @@ def policy_approver(settings: Settings, rule: str = "superior") -> Iterator[None
         finally:
             approver.terminate()
             approver.wait(timeout=10)
+
+
+async def trail_reaching(stack: Stack, change_id: str, kind: str, timeout: float = 60) -> list[str]:
+    """A change's audit kinds once its trail holds ``kind``: waits on ``change.recorded``,
+    subscribed before the trail is first read, so a step that lands in between is not missed."""
+    assert stack.nats is not None
+    nc = await connect(stack.nats.settings_for("client"), name="test-trail")
+    arrived = asyncio.Event()
+
+    async def on_recorded(msg: Msg) -> None:
+        step = ChangeRecorded.model_validate_json(msg.data)
+        if (step.change_id, step.kind) == (change_id, kind):
+            arrived.set()
+
+    async def kinds() -> list[str]:
+        try:
+            return [r.kind for r in await fetch_trail(nc, change_id)]
+        except ClientError:  # the gatekeeper has not recorded the change yet
+            return []
+
+    try:
+        await nc.subscribe(ChangeRecorded.subject, cb=on_recorded)
+        await nc.flush()
+        if kind not in (found := await kinds()):
+            try:
+                await asyncio.wait_for(arrived.wait(), timeout)
+            except TimeoutError:
+                raise AssertionError(f"{change_id} did not reach {kind}: {found}") from None
+            found = await kinds()
+        return found
+    finally:
+        await nc.close()

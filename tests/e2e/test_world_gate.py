@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import policy_approver
+from conftest import policy_approver, trail_reaching
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -87,7 +87,7 @@ class Observer:
 
 
 async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = WAIT_S) -> None:
-    """Re-check a condition nobody announces by an event (an audit record) until a deadline."""
+    """Re-check a condition nobody announces by an event (a consumer existing) until a deadline."""
     deadline = time.monotonic() + timeout
     while not await check():
         if time.monotonic() > deadline:
@@ -210,10 +210,7 @@ async def drive(stack: Stack) -> dict[str, Decided]:
         await nc.flush()
 
         async def trail_reaches(change_id: str, kind: str) -> None:
-            async def reached() -> bool:
-                return kind in [r.kind for r in await fetch_trail(nc, change_id)]
-
-            await until(f"{change_id} reaching {kind}", reached)
+            await trail_reaching(stack, change_id, kind, timeout=WAIT_S)
 
         worse = await propose(nc, observer, WORSE, 2)
         await observer.wait(

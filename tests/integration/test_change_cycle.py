@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import policy_approver
+from conftest import policy_approver, trail_reaching
 from nats.aio.client import Client
 
 from ratchet.cli.client import submit_and_wait
@@ -107,16 +107,6 @@ async def wait_for_status(stack: Stack, statuses: set[str], timeout: float = 60)
         await asyncio.sleep(0.5)
 
 
-async def wait_for_trail(stack: Stack, change_id: str, last: str, timeout: float = 60) -> list[str]:
-    """The change's audit kinds, once its trail has reached ``last``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (kinds := trail_kinds(stack, change_id))[-1] != last:
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{change_id} did not reach {last}: {kinds}")
-        await asyncio.sleep(0.5)
-    return kinds
-
-
 def trail_kinds(stack: Stack, change_id: str) -> list[str]:
     shown = cli(stack, "show", change_id, "--json")
     assert shown.returncode == 0, shown.stderr
@@ -142,7 +132,7 @@ async def test_a_fix_is_measured_approved_applied_used_and_kept(
     assert approved.returncode == 0, approved.stderr
     kept = await wait_for_status(stack, {"kept", "rolled_back"})
     assert kept["status"] == "kept"
-    assert await wait_for_trail(stack, waiting["change_id"], "holdout") == kept_trail
+    assert await trail_reaching(stack, waiting["change_id"], "holdout") == kept_trail
 
     # the executor picked up the new version without a restart
     case = EXACT_LEARN[0]
@@ -313,7 +303,7 @@ async def test_services_on_separate_hosts_own_their_tables(
     approved = cli(hosts, "approve", waiting["change_id"], "--reason", "fixes the wrapping")
     assert approved.returncode == 0, approved.stderr
     assert (await wait_for_status(hosts, {"kept", "rolled_back"}))["status"] == "kept"
-    assert await wait_for_trail(hosts, waiting["change_id"], "holdout") == kept_trail
+    assert await trail_reaching(hosts, waiting["change_id"], "holdout") == kept_trail
     verified = cli(hosts, "audit", "--verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert f"{len(kept_trail)} records" in verified.stdout
