@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -117,3 +118,15 @@ async def trail_reaching(stack: Stack, change_id: str, kind: str, timeout: float
         return found
     finally:
         await nc.close()
+
+
+def cli(stack: Stack, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it against ``stack``, with ``env`` exported on top of its settings
+    (wide columns, so no line of evidence is wrapped)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ratchet.cli", *args],
+        env={**os.environ, **to_env(stack.settings), "COLUMNS": "300", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -12,14 +12,12 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import policy_approver, trail_reaching
+from conftest import cli, policy_approver, trail_reaching
 from nats.aio.client import Client
 
 from ratchet.cli.client import submit_and_wait
@@ -30,7 +28,7 @@ from ratchet.natsconf import ROLES
 from ratchet.natsproc import free_port, start_nats
 from ratchet.prompts import read_current
 from ratchet.services import CORE_SERVICES
-from ratchet.settings import GateSettings, ModelSettings, Settings, to_env
+from ratchet.settings import GateSettings, ModelSettings, Settings
 from ratchet.suites import load_suite
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,16 +66,6 @@ async def client(stack: Stack) -> AsyncIterator[Client]:
     nc = await connect(stack.nats.settings_for("client"), name="test-client")
     yield nc
     await nc.close()
-
-
-def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ratchet.cli", *args],
-        env=to_env(stack.settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def run_live(nc: Client, case_input: str, check: Check) -> tuple[str, float | None, int]:

@@ -5,19 +5,18 @@ wrong is one line that names the user."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import cli
 
 from ratchet.cli.up import Stack, start_stack
 from ratchet.natsproc import free_port
-from ratchet.settings import GateSettings, ModelSettings, Settings, to_env
+from ratchet.settings import GateSettings, ModelSettings, Settings
 from ratchet.suites import load_suite
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,17 +38,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running.stop()
 
 
-def ratchet(stack: Stack, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """The CLI as a user runs it, with ``env`` exported on top of the stack's settings."""
-    return subprocess.run(
-        [sys.executable, "-m", "ratchet.cli", *args],
-        env={**os.environ, **to_env(stack.settings), "COLUMNS": "300", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def login(stack: Stack, user: str, password_of: str | None = None) -> dict[str, str]:
     """``RATCHET_NATS_USER=user`` and, if given, the password of ``password_of``."""
     assert stack.nats is not None
@@ -60,7 +48,7 @@ def login(stack: Stack, user: str, password_of: str | None = None) -> dict[str, 
 
 
 def status(stack: Stack, change_id: str) -> str:
-    listed = ratchet(stack, "changes", "--json")
+    listed = cli(stack, "changes", "--json")
     assert listed.returncode == 0, listed.stderr
     listing = {c["change_id"]: str(c["status"]) for c in json.loads(listed.stdout)}
     return listing.get(change_id, "not listed yet")
@@ -68,7 +56,7 @@ def status(stack: Stack, change_id: str) -> str:
 
 def waiting_change(stack: Stack, prompt: str, timeout: float = 90) -> str:
     """A person's own change (no worse than 5%), once the gate has measured it and waits."""
-    proposed = ratchet(stack, "propose", TASK, "--prompt", prompt, "--margin", "0.05")
+    proposed = cli(stack, "propose", TASK, "--prompt", prompt, "--margin", "0.05")
     assert proposed.returncode == 0, proposed.stderr
     found = re.search(r"proposed change (\w+)", proposed.stdout)
     assert found, proposed.stdout
@@ -85,7 +73,7 @@ def decided_by(stack: Stack, change_id: str, kind: str, timeout: float = 30) -> 
     """Who the audit trail says decided, once the gatekeeper has recorded the decision."""
     deadline = time.monotonic() + timeout
     while True:
-        shown = ratchet(stack, "show", change_id, "--json")
+        shown = cli(stack, "show", change_id, "--json")
         assert shown.returncode == 0, shown.stderr
         trail = json.loads(shown.stdout)
         if actors := [r["actor"] for r in trail if r["kind"] == kind]:
@@ -104,18 +92,16 @@ def test_the_cli_login_may_not_decide_and_says_so(stack: Stack) -> None:
     change_id = waiting_change(stack, "Help.")
     # deploy.md's CLI login: the client user, which the server does not let decide
     client = login(stack, "client", password_of="client")
-    refused = ratchet(stack, "approve", change_id, "--reason", "looks fine", **client)
+    refused = cli(stack, "approve", change_id, "--reason", "looks fine", **client)
     error = one_line_error(refused)
     assert "NATS user 'client' may not decide" in error and "RATCHET_NATS_USER=approver" in error
     # "with RATCHET_NATS_USER=approver" on top of that login: the password is still the client's
-    wrong = ratchet(
-        stack, "reject", change_id, "--reason", "no", **login(stack, "approver", "client")
-    )
+    wrong = cli(stack, "reject", change_id, "--reason", "no", **login(stack, "approver", "client"))
     error = one_line_error(wrong)
     assert "refused user 'approver'" in error and "password" in error
     assert status(stack, change_id) == "awaiting_approval"  # nothing was decided
     # the approver's own credentials, as deploy.md describes
-    rejected = ratchet(
+    rejected = cli(
         stack, "reject", change_id, "--reason", "not now", **login(stack, "approver", "approver")
     )
     assert rejected.returncode == 0, rejected.stderr
@@ -125,7 +111,7 @@ def test_the_cli_login_may_not_decide_and_says_so(stack: Stack) -> None:
 
 def test_another_user_allowed_to_decide_is_named(stack: Stack) -> None:
     change_id = waiting_change(stack, "Reply.")
-    rejected = ratchet(
+    rejected = cli(
         stack, "reject", change_id, "--reason", "not now", **login(stack, "admin", "admin")
     )
     assert rejected.returncode == 0, rejected.stderr
@@ -136,7 +122,7 @@ def test_another_user_allowed_to_decide_is_named(stack: Stack) -> None:
 def test_the_approver_user_decides_with_the_password_ratchet_up_keeps(stack: Stack) -> None:
     """On the machine that runs `ratchet up`, `RATCHET_NATS_USER=approver` is all it takes."""
     change_id = waiting_change(stack, "Answer.")
-    approved = ratchet(
+    approved = cli(
         stack, "approve", change_id, "--reason", "same answers", **login(stack, "approver")
     )
     assert approved.returncode == 0, approved.stderr

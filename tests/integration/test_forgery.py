@@ -20,8 +20,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any
 
 import nats
 import pytest
-from conftest import policy_approver
+from conftest import cli, policy_approver
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -52,7 +50,7 @@ from ratchet.messaging import connect
 from ratchet.natsproc import free_port
 from ratchet.prompts import read_current
 from ratchet.queries import ProposeReply, ProposeRequest
-from ratchet.settings import GateSettings, ModelSettings, Settings, to_env
+from ratchet.settings import GateSettings, ModelSettings, Settings
 from ratchet.suites import load_suite
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,16 +181,6 @@ async def trail_until(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"{change_id}: timed out waiting for {what}; trail {kinds}")
         await asyncio.sleep(0.2)
-
-
-def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ratchet.cli", *args],
-        env=to_env(stack.settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def cli_json(stack: Stack, *args: str) -> Any:
