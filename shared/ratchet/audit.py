@@ -1,24 +1,56 @@
-"""The audit trail's hash chain: each record's hash covers its content and the previous hash.
+"""The audit trail's integrity: a hash chain, the writer's signatures, and an anchor in the stream.
 
-Editing a stored record changes its hash; removing one breaks the sequence and the link. Records
-are checked against these functions only, so any store backend (or an auditor reading an export)
-verifies the trail the same way. A chain alone cannot show that its newest records were cut off:
-compare the head hash with one kept elsewhere for that.
+- **Chain.** Each record's hash covers its content, its seq and the hash of the record before it,
+  so an edited record no longer matches its hash and a removed one leaves a gap or a broken link.
+- **Signatures.** The gatekeeper signs each record's hash with an Ed25519 key that only it holds
+  (a 0600 file in its own home, never in the shared database). Whoever can write the database
+  can recompute hashes, but cannot sign: a rewritten chain, a renumbered one or a forged append
+  fails its signatures, and the failures name the records.
+- **Anchor.** A chain cannot show that its newest records were cut off. Every ``change.recorded``
+  event carries the trail's head (seq, hash, signature) in the RATCHET stream, which only the
+  gatekeeper may publish to and nobody may delete from or purge; the newest one is the anchor
+  the trail's end is checked against. The gatekeeper publishes it again at start and daily, so
+  the stream's retention never leaves a running trail without one.
+
+Records are checked with these functions only, so every store backend (and an auditor reading
+an export) verifies the trail the same way. Records written before they were signed are reported
+as such: the hash chain and the first signed record after them still vouch for them.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
-from collections.abc import Iterable
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+
+from ratchet.contracts import AuditAnchor, ChangeRecorded
+from ratchet.messaging import EVENTS_STREAM
+
 GENESIS_HASH = "0" * 64
+SIGNING_KEY_FILE = "gatekeeper-audit-key.pem"  # in the gatekeeper's home, 0600
+PUBLIC_KEY_FILE = "gatekeeper-audit-key.pub"  # beside it, for the operator to pin
+KEY_PREFIX = "ed25519:"
+SIGNED_PREFIX = b"ratchet.audit.v1:"  # what is signed: this, then the record's hash
+MAX_LISTED = 10  # seq ranges named per problem; the rest are counted
 
 
 class ChainedRecord(Protocol):
-    """What :func:`verify_chain` reads from a record (``ratchet.store.AuditRecord`` has it)."""
+    """What the checks read from a record (``ratchet.store.AuditRecord`` has it)."""
 
     @property
     def seq(self) -> int: ...
@@ -36,6 +68,10 @@ class ChainedRecord(Protocol):
     def prev_hash(self) -> str: ...
     @property
     def hash(self) -> str: ...
+    @property
+    def key_id(self) -> str | None: ...
+    @property
+    def signature(self) -> str | None: ...
 
 
 def utc_text(at: datetime) -> str:
@@ -74,8 +110,142 @@ def record_hash(
     return hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()
 
 
+# --- keys ----------------------------------------------------------------------------------------
+
+
+class AuditKeyError(ValueError):
+    """A key that cannot be used, said in one line."""
+
+
+@dataclass(frozen=True)
+class AuditKey:
+    """The public half: all a verifier needs. Written ``ed25519:<base64>``; its id is the start
+    of the key's sha256, which each record names."""
+
+    raw: bytes
+
+    @classmethod
+    def parse(cls, text: str) -> AuditKey:
+        body = text.strip()
+        if not body.startswith(KEY_PREFIX):
+            raise AuditKeyError(f"not an audit key (expected {KEY_PREFIX}<base64>): {body[:40]!r}")
+        try:
+            raw = base64.b64decode(body.removeprefix(KEY_PREFIX), validate=True)
+        except binascii.Error as exc:
+            raise AuditKeyError(f"audit key is not valid base64: {body[:40]!r}") from exc
+        if len(raw) != 32:
+            raise AuditKeyError(f"audit key has {len(raw)} bytes, an Ed25519 key has 32")
+        return cls(raw)
+
+    @property
+    def text(self) -> str:
+        return KEY_PREFIX + base64.b64encode(self.raw).decode("ascii")
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()[:16]
+
+    def verifies(self, hash_: str, signature: str) -> bool:
+        """Whether ``signature`` is this key's signature of the record hash ``hash_``."""
+        try:
+            Ed25519PublicKey.from_public_bytes(self.raw).verify(
+                base64.b64decode(signature, validate=True), SIGNED_PREFIX + hash_.encode()
+            )
+        except (InvalidSignature, binascii.Error, ValueError):
+            return False
+        return True
+
+
+class AuditSigner:
+    """The private half, held by the trail's one writer (the gatekeeper)."""
+
+    def __init__(self, private: Ed25519PrivateKey) -> None:
+        self._private = private
+        self.key = AuditKey(
+            private.public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
+        )
+
+    @classmethod
+    def generate(cls) -> AuditSigner:
+        return cls(Ed25519PrivateKey.generate())
+
+    def sign(self, hash_: str) -> str:
+        return base64.b64encode(self._private.sign(SIGNED_PREFIX + hash_.encode())).decode()
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> AuditSigner:
+        """The key in ``path``, made on first use: written 0600 under a temporary name and then
+        linked into place, so two starts never make two keys and a crash leaves no half-written
+        file; its public half goes beside it (``PUBLIC_KEY_FILE``) for the operator to pin.
+        A key file that others may read is refused, as ssh refuses one: they could sign."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            signer = cls.generate()
+            pem = signer._private.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            draft = path.with_name(f".{path.name}.{os.getpid()}")
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(pem)
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                os.link(draft, path)
+            except FileExistsError:
+                pass  # another process made it first: use theirs
+            finally:
+                draft.unlink()
+        signer = cls._load(path)
+        path.with_name(PUBLIC_KEY_FILE).write_text(signer.key.text + "\n", encoding="utf-8")
+        return signer
+
+    @classmethod
+    def _load(cls, path: Path) -> AuditSigner:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise AuditKeyError(
+                f"audit signing key {path} may be read by others (mode {mode:04o}): "
+                f"run `chmod 600 {path}`"
+            )
+        try:
+            private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except ValueError as exc:
+            raise AuditKeyError(f"audit signing key {path} is not a readable key: {exc}") from exc
+        if not isinstance(private, Ed25519PrivateKey):
+            raise AuditKeyError(f"audit signing key {path} is not an Ed25519 key")
+        return cls(private)
+
+
+def anchor_of(record: ChainedRecord) -> AuditAnchor:
+    """The anchor that pins the trail's end at ``record``."""
+    return AuditAnchor(
+        seq=record.seq, hash=record.hash, key_id=record.key_id, signature=record.signature
+    )
+
+
+# --- checks --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrailReport:
+    """What a check found: ``problems`` show tampering (any one fails verification); ``notes``
+    say what the checks could not cover, and why."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def extend(self, other: TrailReport) -> None:
+        self.problems += other.problems
+        self.notes += other.notes
+
+
 def verify_chain(records: Iterable[ChainedRecord]) -> list[str]:
-    """Problems with a whole trail (every record, any order), one line each; empty = intact."""
+    """Problems with a whole trail's hash chain (every record, any order), one line each."""
     problems: list[str] = []
     expected_seq = 1
     expected_prev = GENESIS_HASH
@@ -112,3 +282,131 @@ def verify_chain(records: Iterable[ChainedRecord]) -> list[str]:
         expected_seq = record.seq + 1
         expected_prev = record.hash
     return problems
+
+
+def seq_ranges(seqs: list[int]) -> str:
+    """``[1, 2, 3, 7]`` as "seq 1 to 3, 7", naming at most ``MAX_LISTED`` ranges."""
+    ranges: list[tuple[int, int]] = []
+    for seq in sorted(seqs):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], seq)
+        else:
+            ranges.append((seq, seq))
+    named = [f"{a}" if a == b else f"{a} to {b}" for a, b in ranges[:MAX_LISTED]]
+    more = len(ranges) - MAX_LISTED
+    return "seq " + ", ".join(named) + (f" and {more} more range(s)" if more > 0 else "")
+
+
+def verify_signatures(records: Iterable[ChainedRecord], key: AuditKey) -> TrailReport:
+    """Every record must carry ``key``'s signature of its hash. Unsigned records are accepted
+    only before the first signed one (written before records were signed): the signed record
+    after them chains to them, so they cannot change without breaking it."""
+    ordered = sorted(records, key=lambda r: r.seq)
+    first_signed = next((r.seq for r in ordered if r.signature is not None), None)
+    legacy: list[int] = []
+    failing: dict[str, list[int]] = {}
+    for record in ordered:
+        if record.signature is None:
+            if first_signed is None or record.seq < first_signed:
+                legacy.append(record.seq)
+            else:
+                why = "unsigned after signed records (signature removed, or added without the key)"
+                failing.setdefault(why, []).append(record.seq)
+        elif not key.verifies(record.hash, record.signature):
+            why = (
+                "signature does not match (rewritten or forged after signing)"
+                if record.key_id == key.id
+                else f"signed by another key (id {str(record.key_id)[:16]!r}), not key {key.id}"
+            )
+            failing.setdefault(why, []).append(record.seq)
+    report = TrailReport(problems=[f"{seq_ranges(seqs)}: {why}" for why, seqs in failing.items()])
+    if legacy:
+        cover = "with the first signed record after them" if first_signed else "alone"
+        report.notes.append(
+            f"{seq_ranges(legacy)}: unsigned, written before records were signed; their hash "
+            f"chain {cover} vouches for them"
+        )
+    return report
+
+
+def anchor_problem(
+    anchor: AuditAnchor, anchored: ChainedRecord | None, last_seq: int
+) -> str | None:
+    """What is wrong with a trail whose newest seq is ``last_seq`` and whose record at the
+    anchor's seq is ``anchored``, given the anchor; None if the anchor holds. The gatekeeper asks
+    this before it extends the trail, ``ratchet audit --verify`` when it checks it."""
+    if last_seq < anchor.seq:
+        first = last_seq + 1
+        removed = f"seq {first}" if first == anchor.seq else f"seq {first} to {anchor.seq}"
+        return (
+            f"truncated: the trail ends at seq {last_seq}, but the stream anchored seq "
+            f"{anchor.seq} (records removed: {removed} at least)"
+        )
+    if anchored is None:
+        return f"seq {anchor.seq}: the record anchored in the stream is missing"
+    if anchored.hash != anchor.hash:
+        return f"seq {anchor.seq}: not the record anchored in the stream (rewritten)"
+    return None
+
+
+def verify_anchor(
+    records: Iterable[ChainedRecord], anchor: AuditAnchor | None, key: AuditKey | None
+) -> TrailReport:
+    """The trail's end against the stream's newest anchor: nothing cut off, nothing rewritten
+    at the anchored seq (records after it, written since, are covered by their signatures)."""
+    by_seq = {r.seq: r for r in records}
+    report = TrailReport()
+    if anchor is None:
+        if by_seq:
+            report.problems.append(
+                "no anchor of the trail in the RATCHET stream, so its end cannot be checked "
+                "(the gatekeeper anchors its head at start and daily: was the stream recreated?)"
+            )
+        return report
+    if (
+        key is not None
+        and anchor.signature is not None
+        and not key.verifies(anchor.hash, anchor.signature)
+    ):
+        report.problems.append(
+            f"the stream's anchor (seq {anchor.seq}) is not signed by key {key.id}"
+        )
+    last_seq = max(by_seq, default=0)
+    problem = anchor_problem(anchor, by_seq.get(anchor.seq), last_seq)
+    if problem:
+        report.problems.append(problem)
+    elif last_seq > anchor.seq:
+        report.notes.append(
+            f"seq {anchor.seq + 1} to {last_seq}: newer than the stream's anchor (seq "
+            f"{anchor.seq}), covered by their signatures"
+        )
+    return report
+
+
+def verify_trail(
+    records: Sequence[ChainedRecord], key: AuditKey | None, anchor: AuditAnchor | None
+) -> TrailReport:
+    """Every check: the hash chain, the signatures (with ``key``) and the anchor."""
+    report = TrailReport(problems=verify_chain(records))
+    if key is None:
+        report.notes.append("no public key: the signatures were not checked")
+    else:
+        report.extend(verify_signatures(records, key))
+    report.extend(verify_anchor(records, anchor, key))
+    return report
+
+
+# --- the anchor in the stream ---------------------------------------------------------------------
+
+
+async def read_anchor(js: JetStreamContext) -> ChangeRecorded | None:
+    """The newest ``change.recorded`` in the RATCHET stream (one direct get of the subject's last
+    message), or None when the stream holds none, or only ones from before anchors existed."""
+    try:
+        message = await js.get_last_msg(EVENTS_STREAM, ChangeRecorded.subject, direct=True)
+    except NotFoundError:
+        return None
+    try:
+        return ChangeRecorded.model_validate_json(message.data or b"")
+    except ValidationError:
+        return None

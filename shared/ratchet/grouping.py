@@ -21,7 +21,7 @@ from sklearn.cluster import AgglomerativeClustering
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_distances
 
-from ratchet.contracts import FailureGroup
+from ratchet.contracts import EXAMPLE_CHARS, FailureGroup, clip
 
 NO_PROBLEMS = "no problems recorded"
 # Average cosine distance below which failures count as one pattern. On the labelled sets in
@@ -75,7 +75,7 @@ def group_failures(
                 label=_shorten(typical[0]),
                 size=len(indices),
                 run_ids=[items[i][0] for i in indices],
-                examples=typical[:examples],
+                examples=[clip(text, EXAMPLE_CHARS) for text in typical[:examples]],
             )
         )
     return sorted(groups, key=lambda group: (-group.size, group.label))

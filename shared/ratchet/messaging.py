@@ -39,7 +39,15 @@ DLQ_PREFIX = "dlq"
 PROMPTS_BUCKET = "prompts"
 PROMPT_HISTORY = 64
 DUPLICATE_WINDOW_S = 600.0
+EVENTS_MAX_AGE_S = 30 * 24 * 3600
 QUERY_PREFIX = "query"  # request/reply subjects, outside every stream
+
+
+def inbox_prefix(user: str | None) -> str:
+    """Where replies to this NATS user go: ``_INBOX_<user>``, a prefix of its own, so the server
+    can let each role subscribe to its own replies (and deliveries) and nobody else's."""
+    return f"_INBOX_{user}" if user else "_INBOX"
+
 
 # Services bind to the stream; they never create or change it.
 events_stream = JStream(name=EVENTS_STREAM, declare=False)
@@ -49,14 +57,23 @@ BACKOFF_S = (0.2, 1.0, 3.0, 10.0, 30.0)
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
-    """Create (or update) the streams and the prompt bucket. Idempotent; needs admin rights."""
+    """Create (or update) the streams and the prompt bucket. Idempotent; needs admin rights.
+
+    The events stream holds the audit trail's anchors (``change.recorded``), so no message may
+    be deleted from it nor the stream purged: once set, the server refuses to lift either, even
+    for the admin. Messages still age out after ``EVENTS_MAX_AGE_S`` (the gatekeeper anchors its
+    head again daily). ``allow_direct`` lets a reader fetch the newest anchor with one direct get.
+    """
     for config in (
         StreamConfig(
             name=EVENTS_STREAM,
             subjects=EVENTS_SUBJECTS,
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
-            max_age=30 * 24 * 3600,
+            max_age=EVENTS_MAX_AGE_S,
+            deny_delete=True,
+            deny_purge=True,
+            allow_direct=True,
         ),
         StreamConfig(
             name=DLQ_STREAM,
@@ -93,6 +110,7 @@ async def connect(
         user=settings.nats_user,
         password=settings.nats_password,
         connect_timeout=2,
+        inbox_prefix=inbox_prefix(settings.nats_user),
         allow_reconnect=reconnect,
         max_reconnect_attempts=-1 if reconnect else 0,
         error_cb=on_error or (_log_error if reconnect else _ignore_error),
@@ -120,6 +138,7 @@ def make_broker(settings: Settings, *, name: str) -> NatsBroker:
             else None
         ),
         connect_timeout=5,
+        inbox_prefix=inbox_prefix(settings.nats_user),
         max_reconnect_attempts=-1,
         logger=logging.getLogger(f"ratchet.{name}"),
     )
@@ -159,14 +178,19 @@ def durable_subscriber(
         ),
         ack_policy=AckPolicy.NACK_ON_ERROR,
         max_workers=settings.workers,
+        # FastStream would deliver pulls to the shared "_INBOX." prefix, which no role may hear
+        inbox_prefix=f"{inbox_prefix(settings.nats_user)}.".encode(),
         description=description,
     )
 
 
-def event_publisher(broker: NatsBroker, event_type: type[Event]) -> LogicPublisher:
-    """A documented publisher of one event type (it appears in the service's AsyncAPI)."""
+def event_publisher(
+    broker: NatsBroker, event_type: type[Event], *, subject: str | None = None
+) -> LogicPublisher:
+    """A documented publisher of one event type (it appears in the service's AsyncAPI), on its
+    own subject unless told otherwise (a decision goes to its approver's own subject)."""
     return broker.publisher(
-        event_type.subject,
+        subject or event_type.subject,
         stream=events_stream,
         schema=event_type,
         description=(event_type.__doc__ or "").strip() or None,
@@ -206,8 +230,17 @@ def dead_letter_subject(subject: str) -> str:
     return f"{DLQ_PREFIX}.{subject}"
 
 
+class Unprocessable(Exception):
+    """Raised by a handler for a message that can never be handled, whatever the retries (a run
+    asking for a prompt version that does not exist): dead-lettered at once with this reason."""
+
+
 class DeadLetterMiddleware(BaseMiddleware):
     """Routes messages that cannot be handled to ``dlq.<subject>`` with the reason.
+
+    A message that fails validation (a field over its limit, an unknown ``schema_version``) or
+    that its handler finds :class:`Unprocessable` goes there at once; one whose handler fails
+    goes there after the last delivery.
 
     Sits inside FastStream's acknowledgement middleware: raising ``AckMessage`` acknowledges the
     original once the dead letter is stored, ``NackMessage`` asks for a delayed redelivery.
@@ -230,7 +263,10 @@ class DeadLetterMiddleware(BaseMiddleware):
         try:
             return await call_next(msg)
         except ValidationError as exc:
-            await _dead_letter(raw, f"malformed message: {_summary(exc)}", deliveries)
+            await _dead_letter(raw, _summary(exc), deliveries)
+            raise AckMessage() from exc
+        except Unprocessable as exc:
+            await _dead_letter(raw, f"unprocessable: {exc}", deliveries)
             raise AckMessage() from exc
         except Exception as exc:
             if deliveries >= self.max_deliver:
@@ -252,18 +288,20 @@ async def _keep_alive(raw: Msg, every_s: float) -> None:
 
 
 def _summary(exc: ValidationError) -> str:
-    first = exc.errors()[0]
+    """The reason in one line. An unknown schema version comes first: it explains the rest."""
+    errors = exc.errors()
+    for error in errors:
+        if "schema_version" in error.get("loc", ()):
+            return f"unsupported message: {str(error.get('msg')).removeprefix('Value error, ')}"
+    first = errors[0]
     where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-    return f"{exc.error_count()} error(s), first at {where}: {first.get('msg')}"
+    return f"malformed message: {exc.error_count()} error(s), first at {where}: {first.get('msg')}"
 
 
 async def _dead_letter(raw: Msg, reason: str, deliveries: int) -> None:
-    letter = DeadLetter(
-        subject=raw.subject,
-        reason=reason,
-        deliveries=deliveries,
-        payload=raw.data.decode("utf-8", errors="replace"),
-    )
+    """Store the message and why on ``dlq.<subject>``: the letter is cut to fit, with the
+    original's length and hash (see :class:`DeadLetter`), so it can always be published."""
+    letter = DeadLetter.of(raw.subject, raw.data, reason=reason, deliveries=deliveries)
     meta = raw.metadata
     msg_id = f"dlq:{meta.stream}:{meta.sequence.stream}"
     js = raw._client.jetstream()  # the connection the message arrived on

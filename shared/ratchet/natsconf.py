@@ -1,143 +1,296 @@
-"""The nats-server configuration: one user per service, each allowed only what its role needs.
+"""The nats-server configuration: one user per service, per approver and for the CLI, each
+allowed only what its role needs. The config is generated from :data:`ROLES` (and
+:func:`approver_role` for each approver); the permission matrix test walks the same table against
+a real server.
 
 This is where the isolation invariants are enforced by the server itself:
 
 - only the evaluator may publish ``run.scored``;
 - only the gatekeeper may request gate runs (``run.gate.requested``);
 - only the gatekeeper may write the prompt store (publish to ``$KV.prompts.>``);
-- only approvers may publish ``change.approved`` / ``change.rejected``;
+- each approver may publish only its own decisions, ``change.approved.<name>`` /
+  ``change.rejected.<name>``, so the name a decision records is the one the server authenticated;
 - only the owner of a table answers the queries about it: the failure store ``query.failures`` /
-  ``query.groups``, the gatekeeper (the audit trail's owner) ``query.changes`` / ``query.change``
-  / ``query.audit``;
-- each service may only create and read its own durable consumers, on its own subjects.
+  ``query.groups`` / ``query.count``, the gatekeeper (the audit trail's owner) ``query.changes``
+  / ``query.change`` / ``query.audit``, the proposer ``query.propose``;
+- each service may create, read, pull, acknowledge and dead-letter only its own durable
+  consumers, on their own subjects (``$JS.ACK.RATCHET.<durable>.>``, ``dlq.<filter>``); nobody
+  may delete a consumer;
+- each user hears only its own inbox, ``_INBOX_<user>.>`` (replies, pull deliveries, watches).
+
+The admin user (stream management, ``ratchet up``'s checks) is unrestricted; its password, like
+every other, is stored only as a bcrypt hash in the config.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import secrets
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ratchet.messaging import DLQ_PREFIX, EVENTS_STREAM, PROMPTS_BUCKET, QUERY_PREFIX
+import bcrypt
+
+from ratchet.contracts import (
+    APPROVER_NAME,
+    ChangeApplied,
+    ChangeApproved,
+    ChangeAwaitingApproval,
+    ChangeKept,
+    ChangeProposed,
+    ChangeRecorded,
+    ChangeRejected,
+    ChangeRolledBack,
+    FailureLogged,
+    GateRunRequested,
+    RunCompleted,
+    RunRequested,
+    RunScored,
+)
+from ratchet.messaging import (
+    DLQ_PREFIX,
+    EVENTS_STREAM,
+    PROMPTS_BUCKET,
+    QUERY_PREFIX,
+    dead_letter_subject,
+    inbox_prefix,
+)
 
 KV_STREAM = f"KV_{PROMPTS_BUCKET}"
 JS_API = "$JS.API"
+ADMIN = "admin"
+POLICY_APPROVER = "policy"  # the policy approver service decides under this name
+
+# Passwords are 144-bit random tokens, so guessing one is out of reach at any bcrypt cost; the
+# hash only keeps the config from handing them out. Cost 6 costs the server ~5 ms per connect
+# (cost 11, nats' default, ~150 ms), which keeps CLI commands and service restarts fast.
+BCRYPT_COST = 6
+
+
+def _query(name: str) -> str:
+    return f"{QUERY_PREFIX}.{name}"
+
+
+FAILURE_QUERIES = (_query("failures"), _query("groups"), _query("count"))
+AUDIT_QUERIES = (_query("changes"), _query("change"), _query("audit"))
+PROPOSE_QUERY = _query("propose")
+# People (the CLI, approvers) may ask every question; each one is named, so a new query subject
+# is refused to everyone until someone decides who may ask it.
+EVERY_QUERY = (*FAILURE_QUERIES, *AUDIT_QUERIES, PROPOSE_QUERY)
+# The audit trail's anchor: one direct get of the newest change.recorded in the events stream
+READ_AUDIT_ANCHOR = f"{JS_API}.DIRECT.GET.{EVENTS_STREAM}.{ChangeRecorded.subject}"
 
 
 @dataclass(frozen=True)
 class Role:
-    publish: tuple[str, ...] = ()
-    subscribe: tuple[str, ...] = ()
-    consumers: tuple[tuple[str, str], ...] = ()  # (durable name, filter subject)
-    reads_prompts: bool = False
+    """What one NATS user may do; the server refuses everything else."""
+
+    publish: tuple[str, ...] = ()  # events it emits, queries it asks, prompt-store writes
+    subscribe: tuple[str, ...] = ()  # core subjects: queries it answers, events it watches
+    consumers: tuple[tuple[str, str], ...] = ()  # its durables on RATCHET: (name, filter subject)
+    reads_prompts: bool = False  # reads and watches the prompt store
+
+    @property
+    def answers_queries(self) -> bool:
+        """Whether it serves requests, and so may reply to whoever asked (``allow_responses``)."""
+        return any(subject.startswith(f"{QUERY_PREFIX}.") for subject in self.subscribe)
+
+
+APPROVER_USER_PREFIX = "approver-"
+
+
+def approver_user(name: str) -> str:
+    """The NATS user of the approver ``name``."""
+    if not re.fullmatch(APPROVER_NAME, name):
+        raise ValueError(
+            f"{name!r} is not an approver name: lowercase letters, digits, - and _, at most 32"
+        )
+    return f"{APPROVER_USER_PREFIX}{name}"
+
+
+def approver_name(user: str) -> str | None:
+    """The approver a NATS user decides for, if it is an approver's user."""
+    return (
+        user.removeprefix(APPROVER_USER_PREFIX) if user.startswith(APPROVER_USER_PREFIX) else None
+    )
+
+
+def approver_role(name: str, *, durable: str | None = None) -> Role:
+    """A person, a bot or the policy approver: reads everything about changes, asks any query,
+    and decides under its own name only. ``durable``: the policy approver's consumer."""
+    return Role(
+        publish=(
+            ChangeApproved.subject_of(name),
+            ChangeRejected.subject_of(name),
+            *EVERY_QUERY,
+            READ_AUDIT_ANCHOR,
+        ),
+        subscribe=("change.>",),
+        consumers=((durable, ChangeAwaitingApproval.subject),) if durable else (),
+        reads_prompts=True,
+    )
+
+
+def _decisions(kind: type[ChangeApproved | ChangeRejected]) -> str:
+    """The gatekeeper's filter for one kind of decision, whoever made it."""
+    return kind.subject_of("*")
 
 
 ROLES: dict[str, Role] = {
     "executor": Role(
-        publish=("run.completed",),
-        consumers=(("executor", "run.requested"), ("executor-gate", "run.gate.requested")),
+        publish=(RunCompleted.subject,),
+        consumers=(
+            ("executor", RunRequested.subject),
+            ("executor-gate", GateRunRequested.subject),
+        ),
         reads_prompts=True,
     ),
-    "evaluator": Role(publish=("run.scored",), consumers=(("evaluator", "run.completed"),)),
+    "evaluator": Role(
+        publish=(RunScored.subject,), consumers=(("evaluator", RunCompleted.subject),)
+    ),
     "failure-store": Role(
-        publish=("failure.logged",),
-        subscribe=(f"{QUERY_PREFIX}.failures", f"{QUERY_PREFIX}.groups", f"{QUERY_PREFIX}.count"),
+        publish=(FailureLogged.subject,),
+        subscribe=FAILURE_QUERIES,
         consumers=(
-            ("failure-store-completed", "run.completed"),
-            ("failure-store-scored", "run.scored"),
+            ("failure-store-completed", RunCompleted.subject),
+            ("failure-store-scored", RunScored.subject),
         ),
     ),
     "proposer": Role(  # asks the failure store; owns no shared table
-        publish=(
-            "change.proposed",
-            f"{QUERY_PREFIX}.failures",
-            f"{QUERY_PREFIX}.groups",
-            f"{QUERY_PREFIX}.count",
-        ),
-        subscribe=(f"{QUERY_PREFIX}.propose",),
-        consumers=(("proposer", "failure.logged"),),
+        publish=(ChangeProposed.subject, *FAILURE_QUERIES),
+        subscribe=(PROPOSE_QUERY,),
+        consumers=(("proposer", FailureLogged.subject),),
         reads_prompts=True,
     ),
     "gatekeeper": Role(
         publish=(
-            "run.gate.requested",
-            "change.awaiting_approval",
-            "change.applied",
-            "change.kept",
-            "change.rolled_back",
-            "change.recorded",
+            GateRunRequested.subject,
+            ChangeAwaitingApproval.subject,
+            ChangeApplied.subject,
+            ChangeKept.subject,
+            ChangeRolledBack.subject,
+            ChangeRecorded.subject,
             f"$KV.{PROMPTS_BUCKET}.>",
+            READ_AUDIT_ANCHOR,
         ),
         # the audit trail's owner answers every question about it
-        subscribe=(f"{QUERY_PREFIX}.changes", f"{QUERY_PREFIX}.change", f"{QUERY_PREFIX}.audit"),
+        subscribe=AUDIT_QUERIES,
         consumers=(
-            ("gatekeeper-proposed", "change.proposed"),
-            ("gatekeeper-scored", "run.scored"),
-            ("gatekeeper-approved", "change.approved"),
-            ("gatekeeper-rejected", "change.rejected"),
+            ("gatekeeper-proposed", ChangeProposed.subject),
+            ("gatekeeper-scored", RunScored.subject),
+            ("gatekeeper-approvals", _decisions(ChangeApproved)),
+            ("gatekeeper-rejections", _decisions(ChangeRejected)),
         ),
         reads_prompts=True,
     ),
-    "approver": Role(
-        publish=("change.approved", "change.rejected", f"{QUERY_PREFIX}.>"),
-        subscribe=("change.>",),
-        consumers=(("policy-approver", "change.awaiting_approval"),),
-        reads_prompts=True,
-    ),
-    "client": Role(
-        publish=("run.requested", "change.proposed", f"{QUERY_PREFIX}.>"),
-        subscribe=("run.completed", "run.scored", "failure.logged", "change.>", f"{DLQ_PREFIX}.>"),
+    approver_user(POLICY_APPROVER): approver_role(POLICY_APPROVER, durable="policy-approver"),
+    "client": Role(  # the CLI: runs, queries, a person's own proposals; deciding is an approver's
+        publish=(RunRequested.subject, ChangeProposed.subject, *EVERY_QUERY, READ_AUDIT_ANCHOR),
+        subscribe=(
+            RunCompleted.subject,
+            RunScored.subject,
+            FailureLogged.subject,
+            "change.>",
+            f"{DLQ_PREFIX}.>",
+        ),
         reads_prompts=True,
     ),
 }
 
 
-def _permissions(role: Role) -> dict[str, object]:
-    js_api = [f"{JS_API}.INFO", f"{JS_API}.STREAM.INFO.*", f"{JS_API}.STREAM.NAMES"]
+def users(approvers: Iterable[str] = ()) -> dict[str, Role]:
+    """Every NATS user but the admin: the services, the CLI and one user per approver."""
+    table = dict(ROLES)
+    for name in approvers:
+        table.setdefault(approver_user(name), approver_role(name))
+    return table
+
+
+def permissions(user: str, role: Role) -> dict[str, object]:
+    """The server's allow-lists for one user; whatever they do not name is refused."""
+    publish = [
+        f"{JS_API}.INFO",
+        f"{JS_API}.STREAM.INFO.*",
+        f"{JS_API}.STREAM.NAMES",
+        *role.publish,
+    ]
     for durable, subject in role.consumers:
-        js_api += [
+        publish += [
             f"{JS_API}.CONSUMER.CREATE.{EVENTS_STREAM}.{durable}.{subject}",
             f"{JS_API}.CONSUMER.INFO.{EVENTS_STREAM}.{durable}",
             f"{JS_API}.CONSUMER.MSG.NEXT.{EVENTS_STREAM}.{durable}",
+            # ack, nak, in progress, term and +NXT, on this consumer's deliveries only
+            f"$JS.ACK.{EVENTS_STREAM}.{durable}.>",
+            dead_letter_subject(subject),
         ]
-    if role.reads_prompts:  # KV get, history and watch (ordered, ephemeral consumers)
-        js_api += [
-            f"{JS_API}.STREAM.INFO.{KV_STREAM}",
+    if role.reads_prompts:  # KV get, history and watch (ordered, ephemeral, flow-controlled)
+        # No CONSUMER.DELETE: nats-py's watch never deletes its consumer; the server drops it
+        # once idle. Nor a named CREATE: no reader can make a durable consumer on the bucket.
+        publish += [
             f"{JS_API}.DIRECT.GET.{KV_STREAM}.>",
             f"{JS_API}.STREAM.MSG.GET.{KV_STREAM}",
-            f"{JS_API}.CONSUMER.CREATE.{KV_STREAM}",
-            f"{JS_API}.CONSUMER.CREATE.{KV_STREAM}.>",
-            f"{JS_API}.CONSUMER.INFO.{KV_STREAM}.*",
-            f"{JS_API}.CONSUMER.DELETE.{KV_STREAM}.*",
+            f"{JS_API}.CONSUMER.CREATE.{KV_STREAM}",  # the watch's nameless consumer
+            f"{JS_API}.CONSUMER.INFO.{KV_STREAM}.*",  # which the watch reads back
+            f"$JS.FC.{KV_STREAM}.>",  # and answers the flow control of
         ]
-    return {
-        "publish": {
-            "allow": [*role.publish, f"{DLQ_PREFIX}.>", *js_api, "$JS.ACK.>", "$JS.FC.>"],
-        },
-        "subscribe": {"allow": ["_INBOX.>", *role.subscribe]},
-        "allow_responses": True,
+    rules: dict[str, object] = {
+        "publish": {"allow": publish},
+        "subscribe": {"allow": [f"{inbox_prefix(user)}.>", *role.subscribe]},
     }
+    if role.answers_queries:
+        rules["allow_responses"] = True
+    return rules
 
 
-def generate_passwords() -> dict[str, str]:
-    """A fresh random password for the admin and for every role."""
-    return {name: secrets.token_urlsafe(18) for name in ["admin", *ROLES]}
+def generate_passwords(names: Iterable[str]) -> dict[str, str]:
+    """A fresh random password for the admin and for each of ``names``."""
+    return {name: secrets.token_urlsafe(18) for name in [ADMIN, *names]}
+
+
+def password_hash(password: str) -> str:
+    """What the server stores: a bcrypt hash, which nats-server checks a password against."""
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(BCRYPT_COST)).decode()
 
 
 def render_config(
-    passwords: dict[str, str], *, port: int, store_dir: Path, host: str = "127.0.0.1"
+    roles: Mapping[str, Role],
+    passwords: Mapping[str, str],
+    *,
+    port: int,
+    store_dir: Path,
+    host: str = "127.0.0.1",
 ) -> str:
-    """A nats-server config (JSON is valid nats-server config syntax)."""
-    accounts_users: list[dict[str, object]] = [{"user": "admin", "password": passwords["admin"]}]
-    for name, role in ROLES.items():
-        accounts_users.append(
-            {"user": name, "password": passwords[name], "permissions": _permissions(role)}
+    """A nats-server config (JSON is valid nats-server config syntax) with the admin and one user
+    per entry of ``roles``, each with its password's bcrypt hash (never the password)."""
+    accounts: list[dict[str, object]] = [
+        {"user": ADMIN, "password": password_hash(passwords[ADMIN])}
+    ]
+    for user, role in roles.items():
+        accounts.append(
+            {
+                "user": user,
+                "password": password_hash(passwords[user]),
+                "permissions": permissions(user, role),
+            }
         )
     config = {
         "host": host,
         "port": port,
         "jetstream": {"store_dir": str(store_dir)},
-        "authorization": {"users": accounts_users},
+        "authorization": {"users": accounts},
     }
     return json.dumps(config, indent=2)
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write a file only its owner can read: created 0600 (never readable in between, whatever
+    the umask or an older file's mode), then moved into place."""
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.unlink(missing_ok=True)
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(scratch, path)

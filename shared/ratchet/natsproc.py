@@ -9,13 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import nats
 
 from ratchet.messaging import connect, ensure_streams
-from ratchet.natsconf import generate_passwords, render_config
+from ratchet.natsconf import ADMIN, generate_passwords, render_config, users, write_secret
 from ratchet.settings import Settings
 
 HOST = "127.0.0.1"  # where the nats-server of `ratchet up` listens (render_config's default)
@@ -105,26 +106,30 @@ class LocalNats:
             self.process.wait()
 
 
-def start_nats(home: Path, port: int, *, log_path: Path | None = None) -> LocalNats:
-    """Start nats-server with per-service users, then create the streams as admin.
+def start_nats(
+    home: Path, port: int, *, log_path: Path | None = None, approvers: Iterable[str] = ()
+) -> LocalNats:
+    """Start nats-server with per-service users (and one per approver), then create the streams
+    as admin.
 
-    Passwords are kept in ``home/nats/credentials.json`` (mode 0600) and reused, so services and
-    the CLI started later can read them. A port another program already listens on is refused at
-    once (:class:`NatsStartError`): Ratchet's clients would otherwise talk to that server.
+    Passwords are kept in ``home/nats/credentials.json`` and reused, so services and the CLI
+    started later can read them; a user added since (a new approver) gets a new one, a user no
+    longer configured loses its. The config holds only their bcrypt hashes; both files are
+    created 0600. A port another program already listens on is refused at once
+    (:class:`NatsStartError`): Ratchet's clients would otherwise talk to that server.
     """
     if port_in_use(port):
         raise port_taken(port)
     folder = home / "nats"
     folder.mkdir(parents=True, exist_ok=True)
+    roles = users(approvers)
     credentials = folder / "credentials.json"
-    if credentials.exists():
-        passwords = json.loads(credentials.read_text())
-    else:
-        passwords = generate_passwords()
-        credentials.touch(mode=0o600)
-        credentials.write_text(json.dumps(passwords))
+    kept: dict[str, str] = json.loads(credentials.read_text()) if credentials.exists() else {}
+    passwords = {name: kept.get(name, fresh) for name, fresh in generate_passwords(roles).items()}
+    if passwords != kept:
+        write_secret(credentials, json.dumps(passwords))
     config = folder / "nats-server.conf"
-    config.write_text(render_config(passwords, port=port, store_dir=folder / "jetstream"))
+    write_secret(config, render_config(roles, passwords, port=port, store_dir=folder / "jetstream"))
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
         [nats_server_binary(), "-c", str(config)], stdout=out, stderr=subprocess.STDOUT
@@ -157,9 +162,7 @@ def _wait_for_server(local: LocalNats, log_path: Path | None, timeout: float = 1
 
 async def _create_streams(local: LocalNats) -> None:
     try:  # one attempt: a server that refuses the admin is not the one we started
-        connection = await connect(
-            local.settings_for("admin"), name="ratchet-admin", reconnect=False
-        )
+        connection = await connect(local.settings_for(ADMIN), name="ratchet-admin", reconnect=False)
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         raise NatsStartError(
             f"the NATS server on port {local.port} did not accept Ratchet's admin user ({exc})"

@@ -1,13 +1,53 @@
-"""Request/reply bodies for the ``query.*`` subjects (core NATS, outside every stream)."""
+"""Request/reply bodies for the ``query.*`` subjects (core NATS, outside every stream).
+
+No reply may be larger than NATS carries (a reply over the server's max_payload is never sent,
+and the asker only sees a timeout). Replies that are lists are cut to ``REPLY_BYTES`` by
+:func:`list_reply`, which says what it left out in the ``Ratchet-Trimmed`` header (the CLI shows
+it); the audit trail is read in pages (:class:`AuditPage`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
+from faststream.nats import NatsResponse
 from pydantic import AwareDatetime, BaseModel, Field
 
-from ratchet.contracts import ChangeProposed
+from ratchet.contracts import MAX_MESSAGE_BYTES, ChangeProposed
 from ratchet.store import AuditRecord
+
+REPLY_BYTES = MAX_MESSAGE_BYTES  # like every message: room for headers under NATS's 1 MiB
+TRIMMED_HEADER = "Ratchet-Trimmed"
+MAX_FAILURES_PER_QUERY = 1_000  # what one query.failures or query.groups reads from the store
+
+
+def fitting(items: Sequence[BaseModel], budget: int = REPLY_BYTES) -> list[bytes]:
+    """The JSON of the first ``items`` whose array fits in ``budget`` bytes."""
+    kept: list[bytes] = []
+    size = 2  # the brackets
+    for item in items:
+        encoded = item.model_dump_json().encode()
+        size += len(encoded) + 1
+        if size > budget:
+            break
+        kept.append(encoded)
+    return kept
+
+
+def list_reply(items: Sequence[BaseModel], *, noun: str, shortened: str = "") -> NatsResponse:
+    """``items`` as a JSON array, cut where it would outgrow one reply. A reply that is not what
+    was asked for says so in ``TRIMMED_HEADER``, in words for a person: what ``shortened`` says
+    was done to the items to fit, and how many were left out ("12 of 20 failures left out")."""
+    kept = fitting(items)
+    limit = f"a reply may not exceed {REPLY_BYTES // 1024} KiB"
+    notes = [f"{shortened} to fit in one reply"] if shortened else []
+    if len(kept) < len(items):
+        notes.append(f"{len(items) - len(kept)} of {len(items)} {noun} left out")
+    headers = {"content-type": "application/json"}
+    if notes:
+        headers[TRIMMED_HEADER] = f"{'; '.join(notes)} ({limit})"
+    return NatsResponse(body=b"[" + b",".join(kept) + b"]", headers=headers)
 
 
 class FailureCount(BaseModel):
@@ -48,6 +88,11 @@ class AuditQuery(BaseModel):
 class AuditPage(BaseModel):
     records: list[AuditRecord]
     more: bool = Field(description="Records follow: ask again after the last one's seq.")
+    public_key: str | None = Field(
+        default=None,
+        description="The key the gatekeeper signs records with (ed25519:<base64>); a verifier "
+        "may pin its own copy instead.",
+    )
 
 
 def audit_page(trail: list[AuditRecord], query: AuditQuery) -> AuditPage:

@@ -30,8 +30,9 @@ SERVICES: tuple[Service, ...] = (
     Service("failure-store", "failure-store", "ratchet_failure_store.app:build_app"),
     Service("proposer", "proposer", "ratchet_proposer.app:build_app"),
     Service("gatekeeper", "gatekeeper", "ratchet_gatekeeper.app:build_app"),
-    # the policy approver: people decide unless someone chooses a policy (`ratchet approver`)
-    Service("approver", "approver", "ratchet_approver.app:build_app", optional=True),
+    # the policy approver: people decide unless someone chooses a policy (`ratchet approver`);
+    # it decides as the approver named policy
+    Service("approver", "approver-policy", "ratchet_approver.app:build_app", optional=True),
 )
 
 # What `ratchet up` starts.

@@ -6,9 +6,12 @@ import json
 import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ratchet.contracts import APPROVER_NAME, CASES, LOOKS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,8 +46,8 @@ class GateSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore")
 
-    max_cases: int = Field(default=200, ge=1, description="Cases at the last look.")
-    looks: int = Field(default=8, ge=1, description="Planned looks, evenly spaced.")
+    max_cases: int = Field(default=200, ge=1, le=CASES, description="Cases at the last look.")
+    looks: int = Field(default=8, ge=1, le=LOOKS, description="Planned looks, evenly spaced.")
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="One-sided, over all looks.")
     verify_reserve: int = Field(
         default=20, ge=0, description="Pool cases no decision may use: fresh cases for verify."
@@ -104,6 +107,11 @@ class Settings(BaseSettings):
     min_failures_to_propose: int = 20
     agent_max_steps: int = 6
     approver_rule: str = "superior"  # the policy approver's: superior | min-lift:X
+    approvers: list[Annotated[str, StringConstraints(pattern=APPROVER_NAME)]] = Field(
+        default_factory=lambda: ["operator"],
+        description="Who may decide besides the policy approver (always named policy): one NATS "
+        "user each (approver-<name>), allowed to publish only its own decisions.",
+    )
 
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{self.home / 'ratchet.db'}"

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ratchet.contracts import Check
+from ratchet.contracts import INPUT_CHARS, PROMPT_CHARS, CaseId, Check
 
 SUITE_NAME_PATTERN = r"^[a-z0-9_-]+$"
 GATE_MIN, GATE_MAX = 1, 500
@@ -31,8 +31,8 @@ class Case(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(min_length=1)
-    input: str = Field(min_length=1)
+    id: CaseId  # the limits of a run's messages, so every case can be run
+    input: str = Field(min_length=1, max_length=INPUT_CHARS)
     check: Check
 
     @field_validator("check")
@@ -65,7 +65,9 @@ class Suite(BaseModel):
 
     name: str = Field(pattern=SUITE_NAME_PATTERN, description="The task name.")
     description: str
-    prompt: str = Field(min_length=1, description="The task's initial prompt.")
+    prompt: str = Field(
+        min_length=1, max_length=PROMPT_CHARS, description="The task's initial prompt."
+    )
     learn: list[Case] = Field(
         description="Run as ordinary traffic; their failures are what the proposer reads."
     )

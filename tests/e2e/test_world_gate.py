@@ -71,7 +71,11 @@ class Observer:
         elif msg.subject == ChangeRecorded.subject:
             pass  # the audit trail's feed; the steps themselves are the other change.* events
         elif "change_id" in data:
-            self.changes.append((msg.subject, data["change_id"]))
+            subject = msg.subject
+            if subject.startswith(("change.approved.", "change.rejected.")):
+                subject, _, approver = subject.rpartition(".")  # who decided ends the subject
+                assert approver == "policy", msg.subject  # the only approver in this stack
+            self.changes.append((subject, data["change_id"]))
         async with self.arrived:
             self.arrived.notify_all()
 
@@ -299,7 +303,7 @@ def test_a_truly_better_change_is_shown_superior_approved_applied_verified_and_k
     assert m.verdict == "superior" and m.lower_bound > 0 and m.lift > 0
     assert m.cases < 200  # the sequential test stopped early on a 25-point lift
     approved = next(r for r in better.trail if r["kind"] == "approved")
-    assert approved["actor"] == "policy:superior"
+    assert approved["actor"] == "policy"
     assert better.events == [
         "change.proposed",
         "change.awaiting_approval",
@@ -330,7 +334,7 @@ def test_a_truly_worse_change_is_rejected_and_the_prompt_stays(
     assert worse.measurement.verdict in {"futile", "not_shown"}
     rejected = worse.record("rejected")
     assert "not shown better" in rejected["reason"]
-    assert next(r["actor"] for r in worse.trail if r["kind"] == "rejected") == "policy:superior"
+    assert next(r["actor"] for r in worse.trail if r["kind"] == "rejected") == "policy"
     assert worse.events == ["change.proposed", "change.awaiting_approval", "change.rejected"]
     assert worse.prompt_after.version == worse.change.base_version
     assert worse.prompt_after.record.kind == "initial"

@@ -150,7 +150,8 @@ async def test_policy_approver_rejects_a_harmful_change(stack: Stack, client: Cl
     assert rejected["status"] == "rejected"
     shown = json.loads(cli(stack, "show", rejected["change_id"], "--json").stdout)
     decision = next(r for r in shown if r["kind"] == "rejected")
-    assert decision["actor"] == "policy:superior"
+    assert decision["actor"] == "policy"  # the approver the server authenticated
+    assert decision["payload"]["reason"].startswith("rule superior: ")
     assert "not shown better" in decision["payload"]["reason"]
     assert stack.nats is not None
     current = await read_current(client.jetstream(), DEMO.name)
@@ -240,7 +241,12 @@ def start_on_hosts(settings: Settings) -> Stack:
     try:
         port = urlparse(settings.nats_url).port
         assert port is not None
-        stack.nats = start_nats(settings.home.resolve(), port, log_path=logs / "nats-server.log")
+        stack.nats = start_nats(
+            settings.home.resolve(),
+            port,
+            log_path=logs / "nats-server.log",
+            approvers=settings.approvers,
+        )
         for service in CORE_SERVICES:
             home = host_home(stack, service.name)
             (home / "logs").mkdir(parents=True)

@@ -1,26 +1,34 @@
-"""`ratchet approve` / `ratchet reject` as docs/deploy.md describes them: the NATS user comes from
-`RATCHET_NATS_USER` (the CLI's `client` login, or `approver` to decide), and every way that can go
-wrong is one line that names the user."""
+"""Who decided is proven (issue 9, item 7): each approver is a NATS user of its own, allowed to
+publish only ``change.approved.<name>`` / ``change.rejected.<name>``; the gatekeeper records the
+name from the subject, never one from the message. `ratchet approve` / `ratchet reject` decide as
+``--as NAME`` (or the approver ``RATCHET_NATS_USER`` names), and every way that can go wrong is
+one line that names the user."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import cli
+from conftest import cli, trail_reaching
+from nats.aio.msg import Msg
 
 from ratchet.cli.up import Stack, start_stack
+from ratchet.contracts import ChangeApproved, ChangeRejected, DeadLetter
+from ratchet.messaging import connect
+from ratchet.natsconf import approver_user
 from ratchet.natsproc import free_port
 from ratchet.settings import GateSettings, ModelSettings, Settings
 from ratchet.suites import load_suite
 
 REPO = Path(__file__).resolve().parents[2]
 TASK = load_suite(REPO / "config" / "suites" / "demo.json").name
+ALICE, BOB = approver_user("alice"), approver_user("bob")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +40,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         judge=ModelSettings(spec="scripted:judge-yes"),
         proposer=ModelSettings(spec="scripted:proposer-fix"),
         gate=GateSettings(run_timeout_s=60),
+        approvers=["alice", "bob"],
     )
     running = start_stack(settings)
     yield running
@@ -54,32 +63,29 @@ def status(stack: Stack, change_id: str) -> str:
     return listing.get(change_id, "not listed yet")
 
 
-def waiting_change(stack: Stack, prompt: str, timeout: float = 90) -> str:
+def waiting_change(stack: Stack, prompt: str) -> str:
     """A person's own change (no worse than 5%), once the gate has measured it and waits."""
     proposed = cli(stack, "propose", TASK, "--prompt", prompt, "--margin", "0.05")
     assert proposed.returncode == 0, proposed.stderr
     found = re.search(r"proposed change (\w+)", proposed.stdout)
     assert found, proposed.stdout
     change_id = found.group(1)
-    deadline = time.monotonic() + timeout
-    while (now := status(stack, change_id)) != "awaiting_approval":
-        assert now in {"not listed yet", "proposed", "received", "measured"}, now
-        assert time.monotonic() < deadline, f"{change_id} still {now} after {timeout}s"
-        time.sleep(0.5)
+    asyncio.run(trail_reaching(stack, change_id, "awaiting_approval", timeout=90))
     return change_id
 
 
-def decided_by(stack: Stack, change_id: str, kind: str, timeout: float = 30) -> str:
+def trail(stack: Stack, change_id: str) -> list[dict[str, Any]]:
+    shown = cli(stack, "show", change_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    records: list[dict[str, Any]] = json.loads(shown.stdout)
+    return records
+
+
+def decided_by(stack: Stack, change_id: str, kind: str) -> str:
     """Who the audit trail says decided, once the gatekeeper has recorded the decision."""
-    deadline = time.monotonic() + timeout
-    while True:
-        shown = cli(stack, "show", change_id, "--json")
-        assert shown.returncode == 0, shown.stderr
-        trail = json.loads(shown.stdout)
-        if actors := [r["actor"] for r in trail if r["kind"] == kind]:
-            return str(actors[0])
-        assert time.monotonic() < deadline, [r["kind"] for r in trail]
-        time.sleep(0.3)
+    asyncio.run(trail_reaching(stack, change_id, kind, timeout=30))
+    [actor] = [r["actor"] for r in trail(stack, change_id) if r["kind"] == kind]
+    return str(actor)
 
 
 def one_line_error(ran: subprocess.CompletedProcess[str]) -> str:
@@ -88,43 +94,127 @@ def one_line_error(ran: subprocess.CompletedProcess[str]) -> str:
     return ran.stderr
 
 
-def test_the_cli_login_may_not_decide_and_says_so(stack: Stack) -> None:
+def test_only_an_approvers_own_login_decides_under_its_name(stack: Stack) -> None:
     change_id = waiting_change(stack, "Help.")
-    # deploy.md's CLI login: the client user, which the server does not let decide
+    # the CLI's login (the client user), which the server does not let decide
     client = login(stack, "client", password_of="client")
-    refused = cli(stack, "approve", change_id, "--reason", "looks fine", **client)
+    refused = cli(stack, "approve", change_id, "--reason", "fine", "--as", "alice", **client)
     error = one_line_error(refused)
-    assert "NATS user 'client' may not decide" in error and "RATCHET_NATS_USER=approver" in error
-    # "with RATCHET_NATS_USER=approver" on top of that login: the password is still the client's
-    wrong = cli(stack, "reject", change_id, "--reason", "no", **login(stack, "approver", "client"))
-    error = one_line_error(wrong)
-    assert "refused user 'approver'" in error and "password" in error
-    assert status(stack, change_id) == "awaiting_approval"  # nothing was decided
-    # the approver's own credentials, as deploy.md describes
-    rejected = cli(
-        stack, "reject", change_id, "--reason", "not now", **login(stack, "approver", "approver")
+    assert "NATS user 'client' may not decide as 'alice'" in error
+    assert f"RATCHET_NATS_USER={ALICE}" in error
+    # alice's user with someone else's password
+    wrong = cli(stack, "reject", change_id, "--reason", "no", **login(stack, ALICE, "client"))
+    assert f"refused user '{ALICE}'" in one_line_error(wrong) and "password" in wrong.stderr
+    # alice's own login, deciding under bob's name: the server refuses it
+    as_bob = cli(
+        stack,
+        "approve",
+        change_id,
+        "--reason",
+        "bob said so",
+        "--as",
+        "bob",
+        **login(stack, ALICE, ALICE),
     )
+    assert f"NATS user '{ALICE}' may not decide as 'bob'" in one_line_error(as_bob)
+    # two approvers and nobody named: the CLI asks which
+    unnamed = cli(stack, "approve", change_id, "--reason", "who?")
+    assert "--as NAME (approvers: alice, bob, policy)" in one_line_error(unnamed)
+    unknown = cli(stack, "approve", change_id, "--reason", "?", "--as", "zed")
+    assert "no password for 'approver-zed'" in one_line_error(unknown)
+    assert status(stack, change_id) == "awaiting_approval"  # nothing was decided
+
+    rejected = cli(stack, "reject", change_id, "--reason", "not now", **login(stack, ALICE, ALICE))
     assert rejected.returncode == 0, rejected.stderr
-    assert rejected.stderr == ""  # the approver decided, as asked: nothing to point out
-    assert decided_by(stack, change_id, "rejected").startswith("cli:")
+    assert rejected.stderr == ""  # alice decided, as asked: nothing to point out
+    assert f"rejected {change_id} as alice" in rejected.stdout
+    assert decided_by(stack, change_id, "rejected") == "alice"
+
+
+async def test_the_name_recorded_is_the_subjects_never_the_bodys(stack: Stack) -> None:
+    """A decision whose body still claims a name is malformed: dead-lettered with the reason,
+    never recorded. The decision alice sends on her own subject is recorded as hers."""
+    change_id = await asyncio.to_thread(waiting_change, stack, "Reply.")
+    evidence = next(
+        r["payload"]["evidence_sha256"]
+        for r in await asyncio.to_thread(trail, stack, change_id)
+        if r["kind"] == "awaiting_approval"
+    )
+    assert stack.nats is not None
+    alice = await connect(stack.nats.settings_for(ALICE), name="alice")
+    watcher = await connect(stack.nats.settings_for("client"), name="dlq-watcher")
+    letters: asyncio.Queue[DeadLetter] = asyncio.Queue()
+
+    async def on_letter(msg: Msg) -> None:
+        await letters.put(DeadLetter.model_validate_json(msg.data))
+
+    try:
+        # the server lets alice publish on her own subject only
+        errors: list[str] = []
+        refused = asyncio.Event()
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+            refused.set()
+
+        spoofer = await connect(stack.nats.settings_for(ALICE), name="spoof", on_error=on_error)
+        try:
+            await spoofer.publish(ChangeApproved.subject_of("bob"), b"{}")
+            await asyncio.wait_for(refused.wait(), timeout=5)
+        finally:
+            await spoofer.close()
+        assert 'permissions violation for publish to "change.approved.bob"' in errors[0]
+
+        await watcher.subscribe(f"dlq.{ChangeApproved.subject_of('alice')}", cb=on_letter)
+        await watcher.flush()
+        claim = ChangeApproved(change_id=change_id, reason="bob agrees", evidence_sha256=evidence)
+        body = {**claim.model_dump(mode="json"), "approver": "bob"}
+        await alice.jetstream().publish(
+            ChangeApproved.subject_of("alice"), json.dumps(body).encode(), timeout=5
+        )
+        letter = await asyncio.wait_for(letters.get(), timeout=30)
+        assert letter.subject == "change.approved.alice"
+        assert "malformed message" in letter.reason and "approver" in letter.reason
+        assert await asyncio.to_thread(status, stack, change_id) == "awaiting_approval"
+
+        decision = ChangeRejected(change_id=change_id, reason="not now", evidence_sha256=evidence)
+        await alice.jetstream().publish(
+            decision.subject_of("alice"), decision.model_dump_json().encode(), timeout=5
+        )
+        await trail_reaching(stack, change_id, "rejected", timeout=30)
+    finally:
+        await alice.close()
+        await watcher.close()
+    records = await asyncio.to_thread(trail, stack, change_id)
+    [rejected] = [r for r in records if r["kind"] == "rejected"]
+    assert rejected["actor"] == "alice" and rejected["payload"]["approver"] == "alice"
+    assert "bob" not in json.dumps([r["actor"] for r in records])
+    assert letters.empty()  # one dead letter, for the one malformed decision
 
 
 def test_another_user_allowed_to_decide_is_named(stack: Stack) -> None:
-    change_id = waiting_change(stack, "Reply.")
+    """The admin may publish anything (it manages the streams): the CLI says it decided as the
+    admin, and the trail names the approver it decided for."""
+    change_id = waiting_change(stack, "Answer.")
     rejected = cli(
-        stack, "reject", change_id, "--reason", "not now", **login(stack, "admin", "admin")
+        stack,
+        "reject",
+        change_id,
+        "--reason",
+        "not now",
+        "--as",
+        "bob",
+        **login(stack, "admin", "admin"),
     )
     assert rejected.returncode == 0, rejected.stderr
     assert rejected.stderr == "ratchet: decided as NATS user 'admin' (RATCHET_NATS_USER)\n"
-    assert decided_by(stack, change_id, "rejected").startswith("cli:")
+    assert decided_by(stack, change_id, "rejected") == "bob"
 
 
-def test_the_approver_user_decides_with_the_password_ratchet_up_keeps(stack: Stack) -> None:
-    """On the machine that runs `ratchet up`, `RATCHET_NATS_USER=approver` is all it takes."""
-    change_id = waiting_change(stack, "Answer.")
-    approved = cli(
-        stack, "approve", change_id, "--reason", "same answers", **login(stack, "approver")
-    )
+def test_an_approver_decides_with_the_password_ratchet_up_keeps(stack: Stack) -> None:
+    """On the machine that runs `ratchet up`, naming the approver's user is all it takes."""
+    change_id = waiting_change(stack, "Respond.")
+    approved = cli(stack, "approve", change_id, "--reason", "same answers", **login(stack, BOB))
     assert approved.returncode == 0, approved.stderr
-    assert f"approved {change_id}" in approved.stdout
-    assert decided_by(stack, change_id, "approved").startswith("cli:")
+    assert f"approved {change_id} as bob" in approved.stdout
+    assert decided_by(stack, change_id, "approved") == "bob"

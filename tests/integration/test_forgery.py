@@ -1,10 +1,11 @@
 """Issue 7, point 7: a measurement nobody can forge, tried as the forger on a real stack.
 
-The forger holds the least-privileged ``client`` role (and, for the decisions, the ``approver``
-role). The agent is the scripted prompt-sensitive model and the proposer ``proposer-harm``, whose
-candidate ("Explain your reasoning ...") truly fails every case. Before the gate's fix, a client
-that published runs with the gate's predictable ids and checks it chose, first, turned that
-measurement into a clear win; the policy approver approved it and the harmful prompt went live.
+The forger holds the least-privileged ``client`` role (and, for the decisions, the credentials
+of the approver ``operator``). The agent is the scripted prompt-sensitive model and the proposer
+``proposer-harm``, whose candidate ("Explain your reasoning ...") truly fails every case. Before
+the gate's fix, a client that published runs with the gate's predictable ids and checks it
+chose, first, turned that measurement into a clear win; the policy approver approved it and the
+harmful prompt went live.
 
 Proposals are asked for with ``query.propose`` (the threshold is set out of reach), so that the
 failures the forger's own flood logs never trigger further changes, and so that the forger can
@@ -46,7 +47,8 @@ from ratchet.contracts import (
     RunRequested,
     RunScored,
 )
-from ratchet.messaging import connect
+from ratchet.messaging import connect, inbox_prefix
+from ratchet.natsconf import approver_user
 from ratchet.natsproc import free_port
 from ratchet.prompts import read_current
 from ratchet.queries import ProposeReply, ProposeRequest
@@ -60,6 +62,7 @@ HARM_PROMPT = "Explain your reasoning in detail before you give any answer."
 PASS_ANYTHING = Check(kind="regex", expected=".*")
 PASS_NOTHING = Check(kind="regex", expected="(?!)")
 HONEST_FAILURES = 5
+FORGER = "operator"  # the approver whose credentials the forger holds
 
 
 @pytest.fixture
@@ -103,6 +106,7 @@ class Forger:
             password=stack.nats.passwords["client"],
             error_cb=on_error,
             name="forger",
+            inbox_prefix=inbox_prefix("client"),  # the only inbox the client may hear
         )
         self.nc = nc
         handlers: dict[str, Callable[[Any], None]] = {
@@ -352,7 +356,7 @@ async def test_a_client_cannot_forge_the_measurement(stack: Stack, forger: Forge
 
     # the policy approver rejected it; nothing was applied
     assert "approved" not in kinds and "applied" not in kinds
-    assert by_kind["rejected"]["actor"] == "policy:superior"
+    assert by_kind["rejected"]["actor"] == "policy"
     assert "not shown better" in by_kind["rejected"]["payload"]["reason"]
     assert await status_of(stack, change_id) == "rejected"
     current = await read_current(nc.jetstream(), DEMO.name)
@@ -368,15 +372,14 @@ async def test_a_client_cannot_forge_the_measurement(stack: Stack, forger: Forge
 async def decide(
     stack: Stack, kind: type[ChangeDecision], change_id: str, evidence: str, reason: str
 ) -> ChangeDecision:
-    """Publish a decision as the ``approver`` role, naming ``evidence``; the stream accepts it."""
+    """Publish a decision as the approver ``operator``, naming ``evidence``; the stream accepts
+    it."""
     assert stack.nats is not None
-    nc = await connect(stack.nats.settings_for("approver"), name="test-approver")
+    nc = await connect(stack.nats.settings_for(approver_user(FORGER)), name="test-approver")
     try:
-        decision = kind(
-            change_id=change_id, approver="forger", reason=reason, evidence_sha256=evidence
-        )
+        decision = kind(change_id=change_id, reason=reason, evidence_sha256=evidence)
         await nc.jetstream().publish(
-            decision.subject,
+            decision.subject_of(FORGER),
             decision.model_dump_json().encode(),
             headers={"Nats-Msg-Id": f"{decision.subject}:{decision.id}"},
             timeout=5,
@@ -440,7 +443,7 @@ async def test_an_early_or_mismatched_decision_is_refused(stack: Stack, forger: 
 
     trail = await cli_json(stack, "show", change.change_id)
     early, mismatched = refusals(trail)
-    assert early["actor"] == mismatched["actor"] == "forger"
+    assert early["actor"] == mismatched["actor"] == FORGER
     assert "no evidence yet" in early["payload"]["why"]
     assert "other evidence" in mismatched["payload"]["why"]
     kinds = [r["kind"] for r in trail]
@@ -448,6 +451,6 @@ async def test_an_early_or_mismatched_decision_is_refused(stack: Stack, forger: 
     rejected = next(r for r in trail if r["kind"] == "rejected")
     assert rejected["payload"]["evidence_sha256"] == evidence
     shown = await asyncio.to_thread(cli, stack, "show", change.change_id)
-    assert shown.stdout.count("refused decision by forger") == 2
+    assert shown.stdout.count(f"refused decision by {FORGER}") == 2
     current = await read_current(nc.jetstream(), DEMO.name)
     assert current is not None and current.record.kind == "initial"

@@ -1,22 +1,56 @@
-"""The NATS server itself enforces who may publish what (invariants 1 and 2)."""
+"""The NATS server itself enforces who may do what (invariants 1 and 2, issue 9's side doors).
+
+The permission matrix walks every user of the table that generates the config against every
+subject family and compares the server's answers with what the table says; the other tests
+replay issue 9's attacks, each as the role that tried it, on a real server.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from asyncio import FIRST_COMPLETED
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
-from ratchet.contracts import GateRunRequested, RunScored
+from ratchet.contracts import (
+    ChangeApproved,
+    ChangeDecision,
+    ChangeRejected,
+    Event,
+    GateRunRequested,
+    RunScored,
+)
 from ratchet.messaging import EVENTS_STREAM, PROMPTS_BUCKET, connect
-from ratchet.natsproc import LocalNats
+from ratchet.natsconf import (
+    EVERY_QUERY,
+    KV_STREAM,
+    POLICY_APPROVER,
+    Role,
+    approver_user,
+    users,
+)
+from ratchet.natsproc import LocalNats, free_port, start_nats
+from ratchet.prompts import PromptReader
 
 T = TypeVar("T")
+POLICY = approver_user(POLICY_APPROVER)
+OPERATOR = approver_user("operator")
+
+
+async def _round_trip(nc: Client) -> None:
+    """Return once the server has handled everything this connection sent before, so every
+    refusal of it has arrived: a request queued behind it is answered after them (nats-py's
+    ``flush()`` writes its PING ahead of messages still queued, so it cannot tell)."""
+    await nc.request("$JS.API.INFO", b"", timeout=10)
 
 
 async def _as(
@@ -24,8 +58,8 @@ async def _as(
 ) -> tuple[T | None, list[str]]:
     """Do ``act`` as ``role``: its result (None if the server refused it first) and the errors the
     server reported. A refused publish is never answered, so this waits for whichever comes
-    first, the answer or the refusal, then for a PING round trip: the server handles a
-    connection's messages in order, so any refusal of what ``act`` sent has arrived by then."""
+    first, the answer or the refusal, then for a round trip: the server handles a connection's
+    messages in order, so any refusal of what ``act`` sent has arrived by then."""
     errors: list[str] = []
     refused = asyncio.Event()
 
@@ -34,9 +68,7 @@ async def _as(
         if "permissions violation" in str(exc).lower():
             refused.set()
 
-    nc = await nats.connect(
-        server.url, user=role, password=server.passwords[role], error_cb=on_error
-    )
+    nc = await connect(server.settings_for(role), name=f"test-{role}", on_error=on_error)
     acting = asyncio.ensure_future(act(nc))
     refusal = asyncio.ensure_future(refused.wait())
     try:
@@ -44,7 +76,7 @@ async def _as(
         done, _ = await asyncio.wait(either, timeout=timeout, return_when=FIRST_COMPLETED)
         assert done, f"{role}: neither an answer nor a refusal in {timeout}s"
         result = acting.result() if acting in done else None
-        await nc.flush(timeout=int(timeout))
+        await _round_trip(nc)
     finally:
         acting.cancel()
         refusal.cancel()
@@ -60,14 +92,8 @@ async def _publish_as(server: LocalNats, role: str, subject: str) -> list[str]:
     return errors
 
 
-@pytest.mark.parametrize("role", ["executor", "failure-store", "proposer", "gatekeeper", "client"])
-async def test_only_the_evaluator_may_publish_scores(nats_server: LocalNats, role: str) -> None:
-    violations = await _publish_as(nats_server, role, RunScored.subject)
-    assert any("permissions violation" in v.lower() and "run.scored" in v for v in violations)
-
-
-async def test_evaluator_publishes_scores(nats_server: LocalNats) -> None:
-    assert await _publish_as(nats_server, "evaluator", RunScored.subject) == []
+def _refused(errors: list[str], subject: str) -> bool:
+    return any(f'permissions violation for publish to "{subject.lower()}"' in e for e in errors)
 
 
 async def _api_as(server: LocalNats, role: str, subject: str, body: dict[str, object]) -> bool:
@@ -94,19 +120,341 @@ def _create_consumer(durable: str, subject: str) -> tuple[str, dict[str, object]
 GATEKEEPER_DURABLES = [
     ("gatekeeper-proposed", "change.proposed"),
     ("gatekeeper-scored", "run.scored"),
-    ("gatekeeper-approved", "change.approved"),
-    ("gatekeeper-rejected", "change.rejected"),
+    ("gatekeeper-approvals", "change.approved.*"),
+    ("gatekeeper-rejections", "change.rejected.*"),
 ]
 
 
+# --- the permission matrix --------------------------------------------------------------------
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, ``>`` the rest."""
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for i, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or token not in ("*", tokens[i]):
+            return False
+    return len(wanted) == len(tokens)
+
+
+def _any(patterns: Iterator[str] | tuple[str, ...], subject: str) -> bool:
+    return any(_matches(pattern, subject) for pattern in patterns)
+
+
+@dataclass(frozen=True)
+class Act:
+    """One thing a user might try, and whether the table says it may: a publish or a core
+    subscription to one subject."""
+
+    verb: Literal["publish", "subscription"]
+    subject: str
+    allowed: Callable[[str, Role], bool]
+
+
+def _event_subjects(approvers: list[str]) -> list[str]:
+    """Every event subject of ratchet.contracts; decisions once per approver and once for a
+    name nobody has."""
+
+    def walk(base: type[Event]) -> Iterator[type[Event]]:
+        for cls in base.__subclasses__():
+            yield cls
+            yield from walk(cls)
+
+    subjects = []
+    for event_type in walk(Event):
+        subject = getattr(event_type, "subject", None)
+        if subject is None:
+            continue
+        if issubclass(event_type, ChangeDecision):
+            subjects += [event_type.subject_of(name) for name in [*approvers, "mallory"]]
+        else:
+            subjects.append(subject)
+    return sorted(set(subjects))
+
+
+def _matrix(table: dict[str, Role]) -> list[Act]:
+    """Every subject family against what the table grants, stated from the table's meaning
+    (a user publishes what it names, acknowledges and dead-letters its own consumers, reads the
+    prompts if it is a reader, hears its own inbox), not from the generated allow-lists."""
+    approvers = [user.removeprefix("approver-") for user in table if user.startswith("approver-")]
+    events = _event_subjects(approvers)
+    durables = sorted({consumer for role in table.values() for consumer in role.consumers})
+
+    def own(durable: str) -> Callable[[str, Role], bool]:
+        return lambda _user, role: durable in {d for d, _ in role.consumers}
+
+    def names(subject: str) -> Callable[[str, Role], bool]:
+        return lambda _user, role: _any(role.publish, subject)
+
+    def hears(subject: str) -> Callable[[str, Role], bool]:
+        return lambda _user, role: _any(role.subscribe, subject)
+
+    def reader(_user: str, role: Role) -> bool:
+        return role.reads_prompts
+
+    def nobody(_user: str, _role: Role) -> bool:
+        return False
+
+    acts = []
+    for subject in [*events, *EVERY_QUERY, f"$KV.{PROMPTS_BUCKET}.answer-only"]:
+        acts += [
+            Act("publish", subject, names(subject)),
+            Act("subscription", subject, hears(subject)),
+        ]
+    for subject in events:
+        letter = f"dlq.{subject}"
+
+        def writes_letter(_user: str, role: Role, subject: str = subject) -> bool:
+            return _any((f for _, f in role.consumers), subject)
+
+        acts += [Act("publish", letter, writes_letter), Act("subscription", letter, hears(letter))]
+    api = f"$JS.API.CONSUMER.{{}}.{EVENTS_STREAM}"
+    for durable, subject in durables:
+
+        def creates(_user: str, role: Role, consumer: tuple[str, str] = (durable, subject)) -> bool:
+            return consumer in role.consumers
+
+        acts += [
+            Act("publish", f"{api.format('CREATE')}.{durable}.{subject}", creates),
+            Act("publish", f"{api.format('INFO')}.{durable}", own(durable)),
+            Act("publish", f"{api.format('MSG.NEXT')}.{durable}", own(durable)),
+            Act("publish", f"{api.format('DELETE')}.{durable}", nobody),
+            Act("publish", f"$JS.ACK.{EVENTS_STREAM}.{durable}.1.7.7.1700000000.0", own(durable)),
+        ]
+    acts += [
+        Act("publish", f"$JS.API.CONSUMER.CREATE.{KV_STREAM}", reader),
+        Act("publish", f"$JS.API.CONSUMER.DELETE.{KV_STREAM}.watch", nobody),
+        Act("publish", f"$JS.API.DIRECT.GET.{KV_STREAM}.$KV.{PROMPTS_BUCKET}.answer-only", reader),
+        Act("publish", f"$JS.FC.{KV_STREAM}.watch.1", reader),
+        Act("publish", f"$JS.FC.{EVENTS_STREAM}.evaluator.1", nobody),
+        Act("publish", f"$JS.API.STREAM.DELETE.{EVENTS_STREAM}", nobody),
+        Act("publish", f"$JS.API.STREAM.PURGE.{EVENTS_STREAM}", nobody),
+        Act("publish", f"$JS.API.DIRECT.GET.{EVENTS_STREAM}.run.scored", nobody),
+        Act("subscription", "_INBOX.anything", nobody),
+    ]
+    for user in table:
+        inbox = f"_INBOX_{user}.reply"
+        acts.append(Act("subscription", inbox, lambda me, _role, owner=user: me == owner))
+    return acts
+
+
+@pytest.fixture
+def server_with_a_person(tmp_path: Path) -> Iterator[LocalNats]:
+    """Ratchet's server with its services' users, the policy approver and a person approver."""
+    server = start_nats(
+        tmp_path / "home", free_port(), log_path=tmp_path / "nats.log", approvers=["operator"]
+    )
+    yield server
+    server.stop()
+
+
+async def _answers(server: LocalNats, user: str, acts: list[Act]) -> dict[str, bool]:
+    """What the server allows ``user`` of ``acts``: everything in one go on one connection,
+    then one round trip, after which every refusal has arrived (in order)."""
+    refused: set[str] = set()
+    said = re.compile(r'permissions violation for (publish|subscription) to "(.*)"')
+
+    async def on_error(exc: Exception) -> None:
+        if found := said.search(str(exc)):
+            refused.add(f"{found.group(1)} {found.group(2)}")
+
+    nc = await connect(server.settings_for(user), name=f"matrix-{user}", on_error=on_error)
+    try:
+        for act in acts:
+            if act.verb == "publish":
+                await nc.publish(act.subject, b"")
+            else:
+                await nc.subscribe(act.subject)
+        await _round_trip(nc)
+    finally:
+        await nc.close()
+    return {f"{a.verb} {a.subject}": f"{a.verb} {a.subject}".lower() not in refused for a in acts}
+
+
+async def test_the_server_answers_every_user_as_the_table_says(
+    server_with_a_person: LocalNats,
+) -> None:
+    """The role-by-subject matrix: each event subject (decisions per approver), each query,
+    dead letters, the prompt bucket, the JetStream API and acknowledgements of every durable,
+    flow control, and every user's inbox, for every user."""
+    table = users(["operator"])
+    acts = _matrix(table)
+    assert len({f"{a.verb} {a.subject}".lower() for a in acts}) == len(acts)
+    mismatches = []
+    for user, role in table.items():
+        answers = await _answers(server_with_a_person, user, acts)
+        for act in acts:
+            expected, got = act.allowed(user, role), answers[f"{act.verb} {act.subject}"]
+            if expected != got:
+                mismatches.append(
+                    f"{user} {act.verb} {act.subject}: table {expected}, server {got}"
+                )
+    assert not mismatches, "\n".join(mismatches)
+    # the table is not trivially all-or-nothing: every user is refused something, allowed something
+    for user, role in table.items():
+        allowed = [act.allowed(user, role) for act in acts]
+        assert any(allowed) and not all(allowed), user
+
+
+# --- issue 9's attacks, replayed --------------------------------------------------------------
+
+
+async def _steal_with_next(server: LocalNats, thief: str, durable: str) -> int:
+    """``thief`` asks ``durable`` for its next 20 messages by publishing "+NXT" to one of its ack
+    subjects, with its own inbox as the reply; returns how many it received."""
+    received: list[Msg] = []
+    refused = asyncio.Event()
+
+    async def on_error(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            refused.set()
+
+    async def take(msg: Msg) -> None:
+        received.append(msg)
+
+    nc = await connect(server.settings_for(thief), name="thief", on_error=on_error)
+    try:
+        inbox = f"_INBOX_{thief}.loot"
+        await nc.subscribe(inbox, cb=take)
+        ack = f"$JS.ACK.{EVENTS_STREAM}.{durable}.1.1.1.1700000000.0"
+        await nc.publish(ack, b'+NXT {"batch": 20}', reply=inbox)
+        await asyncio.wait_for(refused.wait(), timeout=5)
+        await _round_trip(nc)
+    finally:
+        await nc.close()
+    return len(received)
+
+
+async def _consumer_with_runs(server: LocalNats, owner: str, durable: str, subject: str) -> None:
+    """``owner`` creates its durable, as its service does at start, and 20 messages wait on it."""
+    assert await _api_as(server, owner, *_create_consumer(durable, subject))
+    admin = await connect(server.settings_for("admin"), name="producer")
+    try:
+        for i in range(20):
+            await admin.jetstream().publish(subject, json.dumps({"n": i}).encode())
+    finally:
+        await admin.close()
+
+
+async def _waiting(server: LocalNats, durable: str) -> tuple[int, int]:
+    """(messages still pending, messages delivered and not yet acknowledged) on ``durable``."""
+    admin = await connect(server.settings_for("admin"), name="inspector")
+    try:
+        info = await admin.jetstream().consumer_info(EVENTS_STREAM, durable)
+    finally:
+        await admin.close()
+    return info.num_pending or 0, info.num_ack_pending or 0
+
+
+async def test_a_client_cannot_take_the_evaluators_runs_with_next(nats_server: LocalNats) -> None:
+    """Issue 9: a client sent "+NXT" to the evaluator's consumer and took 136 of 200 runs."""
+    await _consumer_with_runs(nats_server, "evaluator", "evaluator", "run.completed")
+
+    assert await _steal_with_next(nats_server, "client", "evaluator") == 0
+    assert await _waiting(nats_server, "evaluator") == (20, 0)
+
+
+async def test_the_evaluator_cannot_take_the_executors_runs(nats_server: LocalNats) -> None:
+    """Issue 9: the evaluator took 173 of 200 of the executor's run requests."""
+    await _consumer_with_runs(nats_server, "executor", "executor", "run.requested")
+
+    assert await _steal_with_next(nats_server, "evaluator", "executor") == 0
+    assert await _waiting(nats_server, "executor") == (20, 0)
+
+
+async def test_dead_letters_are_written_by_services_for_their_own_subjects_only(
+    nats_server: LocalNats,
+) -> None:
+    for role in ("client", POLICY):  # a person's tools and the approvers write none
+        assert _refused(await _publish_as(nats_server, role, "dlq.x"), "dlq.x")
+        assert _refused(
+            await _publish_as(nats_server, role, "dlq.run.completed"), "dlq.run.completed"
+        )
+    # the evaluator dead-letters what it consumes, and nothing else
+    assert await _publish_as(nats_server, "evaluator", "dlq.run.completed") == []
+    assert _refused(await _publish_as(nats_server, "evaluator", "dlq.run.scored"), "dlq.run.scored")
+
+
+async def test_readers_cannot_delete_the_prompt_watchers_consumers(nats_server: LocalNats) -> None:
+    """Issue 9: reader roles could delete the prompt bucket's consumers (the executor's watch)."""
+    executor = await connect(nats_server.settings_for("executor"), name="executor")
+    admin = await connect(nats_server.settings_for("admin"), name="admin")
+    reader = PromptReader(executor.jetstream())
+    try:
+        await reader.start()
+        [watch] = [c.name for c in await admin.jetstream().consumers_info(KV_STREAM)]
+        for role in ("client", "proposer", "executor", "gatekeeper", POLICY):
+            delete = f"$JS.API.CONSUMER.DELETE.{KV_STREAM}.{watch}"
+            assert not await _api_as(nats_server, role, delete, {}), role
+        assert [c.name for c in await admin.jetstream().consumers_info(KV_STREAM)] == [watch]
+        # and the watch still follows the store
+        gatekeeper = await connect(nats_server.settings_for("gatekeeper"), name="gatekeeper")
+        try:
+            kv = await gatekeeper.jetstream().key_value(PROMPTS_BUCKET)
+            version = await kv.put("answer-only", json.dumps({"text": "Answer."}).encode())
+        finally:
+            await gatekeeper.close()
+        await reader.wait_for_version("answer-only", version)
+    finally:
+        await reader.stop()
+        await executor.close()
+        await admin.close()
+
+
+async def test_no_user_hears_another_users_inbox(nats_server: LocalNats) -> None:
+    """Issue 9: every role could subscribe to ``_INBOX.>`` and see every consumer's deliveries
+    and every query's reply."""
+    for spy, victim in [("client", "evaluator"), ("evaluator", "executor"), ("proposer", "client")]:
+        for inbox in (f"_INBOX_{victim}.>", "_INBOX.>"):
+            _, errors = await _as(nats_server, spy, lambda nc, s=inbox: nc.subscribe(s))
+            refusal = f'permissions violation for subscription to "{inbox.lower()}"'
+            assert any(refusal in e for e in errors), (spy, inbox, errors)
+
+
+def test_the_config_and_credentials_are_owner_only_and_the_config_holds_no_password(
+    nats_server: LocalNats, tmp_path: Path
+) -> None:
+    """Issue 9: nats-server.conf held every password, the admin's too, in plain text, 0644."""
+    folder = tmp_path / "home" / "nats"
+    config, credentials = folder / "nats-server.conf", folder / "credentials.json"
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert credentials.stat().st_mode & 0o777 == 0o600
+    text = config.read_text()
+    assert not any(password in text for password in nats_server.passwords.values())
+    hashes = [user["password"] for user in json.loads(text)["authorization"]["users"]]
+    assert len(hashes) == len(nats_server.passwords) and all(h.startswith("$2b$") for h in hashes)
+    assert json.loads(credentials.read_text()) == nats_server.passwords
+
+
+async def test_every_user_connects_with_the_password_only_credentials_json_holds(
+    nats_server: LocalNats,
+) -> None:
+    for user in nats_server.passwords:
+        nc = await connect(nats_server.settings_for(user), name=f"login-{user}", reconnect=False)
+        await nc.close()
+
+
+# --- the isolation invariants, one by one ------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["executor", "failure-store", "proposer", "gatekeeper", "client"])
+async def test_only_the_evaluator_may_publish_scores(nats_server: LocalNats, role: str) -> None:
+    violations = await _publish_as(nats_server, role, RunScored.subject)
+    assert _refused(violations, RunScored.subject)
+
+
+async def test_evaluator_publishes_scores(nats_server: LocalNats) -> None:
+    assert await _publish_as(nats_server, "evaluator", RunScored.subject) == []
+
+
 @pytest.mark.parametrize(
-    "role", ["client", "executor", "evaluator", "failure-store", "proposer", "approver"]
+    "role", ["client", "executor", "evaluator", "failure-store", "proposer", POLICY]
 )
 async def test_only_the_gatekeeper_may_request_gate_runs(nats_server: LocalNats, role: str) -> None:
     violations = await _publish_as(nats_server, role, GateRunRequested.subject)
-    assert any(
-        "permissions violation" in v.lower() and GateRunRequested.subject in v for v in violations
-    )
+    assert _refused(violations, GateRunRequested.subject)
 
 
 async def test_gatekeeper_requests_gate_runs(nats_server: LocalNats) -> None:
@@ -132,10 +480,10 @@ async def test_the_executor_consumes_gate_runs(nats_server: LocalNats) -> None:
     assert await _api_as(nats_server, "executor", *create)
 
 
-@pytest.mark.parametrize("role", ["executor", "evaluator", "failure-store", "proposer", "approver"])
+@pytest.mark.parametrize("role", ["executor", "evaluator", "failure-store", "proposer", POLICY])
 async def test_only_the_gatekeeper_may_write_prompts(nats_server: LocalNats, role: str) -> None:
-    violations = await _publish_as(nats_server, role, f"$KV.{PROMPTS_BUCKET}.answer-only")
-    assert any("permissions violation" in v.lower() for v in violations)
+    subject = f"$KV.{PROMPTS_BUCKET}.answer-only"
+    assert _refused(await _publish_as(nats_server, role, subject), subject)
 
 
 async def test_gatekeeper_writes_prompts(nats_server: LocalNats) -> None:
@@ -144,8 +492,23 @@ async def test_gatekeeper_writes_prompts(nats_server: LocalNats) -> None:
 
 @pytest.mark.parametrize("role", ["executor", "evaluator", "proposer", "gatekeeper", "client"])
 async def test_only_approvers_may_decide(nats_server: LocalNats, role: str) -> None:
-    violations = await _publish_as(nats_server, role, "change.approved")
-    assert any("permissions violation" in v.lower() for v in violations)
+    for kind in (ChangeApproved, ChangeRejected):
+        subject = kind.subject_of(POLICY_APPROVER)
+        assert _refused(await _publish_as(nats_server, role, subject), subject)
+
+
+async def test_an_approver_decides_under_its_own_name_only(
+    server_with_a_person: LocalNats,
+) -> None:
+    """Issue 9: any holder of the approver role could sign a decision with someone else's name."""
+    for kind in (ChangeApproved, ChangeRejected):
+        own, other = kind.subject_of("operator"), kind.subject_of(POLICY_APPROVER)
+        assert await _publish_as(server_with_a_person, OPERATOR, own) == []
+        assert _refused(await _publish_as(server_with_a_person, OPERATOR, other), other)
+        assert _refused(await _publish_as(server_with_a_person, POLICY, own), own)
+        assert _refused(
+            await _publish_as(server_with_a_person, OPERATOR, kind.subject), kind.subject
+        )
 
 
 async def test_wrong_password_is_refused(nats_server: LocalNats) -> None:
@@ -158,11 +521,6 @@ async def test_only_the_gatekeeper_may_answer_audit_queries(nats_server: LocalNa
     """The audit trail has one owner: a client's ``query.audit`` reaches the gatekeeper, and the
     server refuses every other role that tries to take the question."""
 
-    async def connect_as(role: str, **options: object) -> nats.aio.client.Client:
-        return await nats.connect(
-            nats_server.url, user=role, password=nats_server.passwords[role], **options
-        )
-
     async def refusal_to(role: str) -> list[str]:
         """The violations the server sends ``role`` for subscribing to ``query.audit``."""
         violations: list[str] = []
@@ -172,7 +530,7 @@ async def test_only_the_gatekeeper_may_answer_audit_queries(nats_server: LocalNa
             violations.append(str(exc))
             refused.set()
 
-        nc = await connect_as(role, error_cb=on_error)
+        nc = await connect(nats_server.settings_for(role), name=role, on_error=on_error)
         try:
             await nc.subscribe("query.audit")
             await asyncio.wait_for(refused.wait(), timeout=2)
@@ -180,19 +538,20 @@ async def test_only_the_gatekeeper_may_answer_audit_queries(nats_server: LocalNa
             await nc.close()
         return violations
 
-    gatekeeper, client = await connect_as("gatekeeper"), await connect_as("client")
+    gatekeeper = await connect(nats_server.settings_for("gatekeeper"), name="gatekeeper")
+    client = await connect(nats_server.settings_for("client"), name="client")
     try:
 
         async def answer(msg: nats.aio.msg.Msg) -> None:
             await msg.respond(b"from the gatekeeper")
 
         await gatekeeper.subscribe("query.audit", cb=answer)
-        await gatekeeper.flush()
+        await _round_trip(gatekeeper)
         reply = await client.request("query.audit", b"{}", timeout=2)
         assert reply.data == b"from the gatekeeper"
     finally:
         await client.close()
         await gatekeeper.close()
-    for role in ("executor", "evaluator", "failure-store", "proposer", "approver", "client"):
+    for role in ("executor", "evaluator", "failure-store", "proposer", POLICY, "client"):
         violations = await refusal_to(role)
         assert any("permissions violation" in v.lower() for v in violations), (role, violations)

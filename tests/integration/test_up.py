@@ -87,7 +87,7 @@ def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
 
 def test_the_optional_approver_starts_from_its_factory_when_asked(tmp_path: Path) -> None:
     """`start_stack` runs any declared service: the policy approver, with its rule from settings,
-    logs in as the approver user and binds its durable consumer."""
+    logs in as its own user, approver-policy, and binds its durable consumer."""
     settings = Settings(
         home=tmp_path / "home",
         nats_url=f"nats://127.0.0.1:{free_port()}",

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 
+from ratchet.audit import AuditSigner
 from ratchet.contracts import (
     ChangeApplied,
     ChangeApproved,
@@ -243,6 +244,7 @@ class Harness:
             suites={TASK: SUITE},
             threshold=0.7,
             settings=SETTINGS,
+            signer=AuditSigner.generate(),
         )
         self.gate.harness = self
         self.runner = GateRunner(build_gate_graph(self.gate, InMemorySaver()), self.gate)
@@ -298,7 +300,7 @@ def proposal(text: str, *, margin: float = 0.0, change_id: str = "change-1") -> 
 
 def approval(change: ChangeProposed, evidence: str) -> ChangeApproved:
     return ChangeApproved(
-        change_id=change.change_id, approver="alice", reason="looks right", evidence_sha256=evidence
+        change_id=change.change_id, reason="looks right", evidence_sha256=evidence
     )
 
 
@@ -309,7 +311,9 @@ async def propose_and_approve(h: Harness, change: ChangeProposed) -> ChangeAppro
     awaiting = h.bus.of_type(ChangeAwaitingApproval)
     assert awaiting, f"no change.awaiting_approval published; errors: {h.errors}"
     decision = approval(change, awaiting[-1].evidence_sha256)
-    decided = await h.deliver(lambda: h.runner.on_decision(decision, approved=True))
+    decided = await h.deliver(
+        lambda: h.runner.on_decision(decision, approved=True, approver="alice")
+    )
     assert decided is True, f"the approval was not taken; errors: {h.errors}"
     return decision
 
@@ -372,7 +376,7 @@ async def test_good_change_is_measured_superior_approved_applied_verified_kept(
     assert (await h.runner.status(change.change_id))[1] == ("decide",)
 
     decision = approval(change, awaiting[0].evidence_sha256)
-    assert await h.runner.on_decision(decision, approved=True) is True
+    assert await h.runner.on_decision(decision, approved=True, approver="alice") is True
 
     assert [w.kind for w in h.prompts.writes] == ["change"]
     assert h.prompts.latest(TASK).record.text == GOOD
@@ -530,10 +534,12 @@ async def test_decision_on_a_thread_crashed_before_the_gate_is_redelivered(
     h.errors.append(crash.value)
     decision = approval(change, h.bus.of_type(ChangeAwaitingApproval)[0].evidence_sha256)
     with pytest.raises(EarlyDecision):
-        await h.runner.on_decision(decision, approved=True)
+        await h.runner.on_decision(decision, approved=True, approver="alice")
     assert h.prompts.writes == []
     await h.runner.on_proposed(change)  # redelivered proposal
-    assert await h.runner.on_decision(decision, approved=True) is True  # redelivered decision
+    assert (
+        await h.runner.on_decision(decision, approved=True, approver="alice") is True
+    )  # redelivered decision
     assert len(h.bus.of_type(ChangeAwaitingApproval)) == 2  # the same id twice: deduplicated
     await assert_once(h, change, trail=KEPT, writes=1, final="kept")
 
@@ -601,7 +607,7 @@ async def test_non_idempotent_side_effects_are_caught(
         change = proposal(CRASHES[point][1])
         await h.deliver(lambda: h.runner.on_proposed(change))
         decision = approval(change, h.bus.of_type(ChangeAwaitingApproval)[-1].evidence_sha256)
-        await h.deliver(lambda: h.runner.on_decision(decision, approved=True))
+        await h.deliver(lambda: h.runner.on_decision(decision, approved=True, approver="alice"))
         with pytest.raises(AssertionError):
             await check_crash_run(h, point, change)
     finally:
@@ -623,7 +629,7 @@ async def test_decision_before_the_evidence_exists_is_refused_and_audited(
         while not h.bus.requests:
             await asyncio.sleep(0.01)
     early = approval(change, "0" * 64)
-    assert await h.runner.on_decision(early, approved=True) is False
+    assert await h.runner.on_decision(early, approved=True, approver="alice") is False
     refused = [r for r in await h.store.audit(change.change_id) if r.kind == "decision_refused"]
     assert len(refused) == 1
     assert refused[0].actor == "alice" and "no evidence yet" in refused[0].payload["why"]
@@ -648,14 +654,19 @@ async def test_decision_naming_other_evidence_is_refused_and_the_change_still_wa
     evidence = h.bus.of_type(ChangeAwaitingApproval)[0].evidence_sha256
 
     wrong = approval(change, "f" * 64)
-    assert await h.runner.on_decision(wrong, approved=True) is False
-    assert await h.runner.on_decision(wrong, approved=True) is False  # redelivered: audited once
+    assert await h.runner.on_decision(wrong, approved=True, approver="alice") is False
+    assert (
+        await h.runner.on_decision(wrong, approved=True, approver="alice") is False
+    )  # redelivered: audited once
     refused = [r for r in await h.store.audit(change.change_id) if r.kind == "decision_refused"]
     assert len(refused) == 1 and "other evidence" in refused[0].payload["why"]
     assert h.prompts.writes == []
     assert (await h.runner.status(change.change_id))[1] == ("decide",)
 
-    assert await h.runner.on_decision(approval(change, evidence), approved=True) is True
+    assert (
+        await h.runner.on_decision(approval(change, evidence), approved=True, approver="alice")
+        is True
+    )
     assert [w.kind for w in h.prompts.writes] == ["change"]
     kinds = await h.kinds(change.change_id)
     assert kinds == [*KEPT[:3], "decision_refused", *KEPT[3:]]
@@ -663,11 +674,11 @@ async def test_decision_naming_other_evidence_is_refused_and_the_change_still_wa
 
 async def test_decision_for_an_unknown_change_is_refused_and_audited(harness: Harness) -> None:
     h = harness
-    ghost = ChangeApproved(
-        change_id="no-such-change", approver="alice", reason="?", evidence_sha256="0" * 64
-    )
-    assert await h.runner.on_decision(ghost, approved=True) is False
-    assert await h.runner.on_decision(ghost, approved=True) is False  # redelivered
+    ghost = ChangeApproved(change_id="no-such-change", reason="?", evidence_sha256="0" * 64)
+    assert await h.runner.on_decision(ghost, approved=True, approver="alice") is False
+    assert (
+        await h.runner.on_decision(ghost, approved=True, approver="alice") is False
+    )  # redelivered
     trail = await h.store.audit("no-such-change")
     assert [(r.kind, r.actor) for r in trail] == [("decision_refused", "alice")]
     assert "no such change" in trail[0].payload["why"]

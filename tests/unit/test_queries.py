@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from ratchet.audit import AuditSigner
 from ratchet.queries import AUDIT_PAGE_BYTES, AuditQuery, audit_page, summarize
 from ratchet.store import AuditRecord, open_store
 
@@ -78,10 +79,14 @@ def test_no_records_no_changes() -> None:
 
 async def test_summarize_reads_a_real_audit_trail(tmp_path: Path) -> None:
     async with open_store(f"sqlite:///{tmp_path}/t.db") as store:
-        await store.append_audit("old", "received", "proposer", {"task": "t1", "failures": 20})
-        await store.append_audit("new", "received", "proposer", {"task": "t2", "failures": 20})
-        await store.append_audit("old", "rolled_back", "gatekeeper", {"before": 0.8})
-        await store.append_audit("new", "kept", "gatekeeper", {"after": 0.9})
+        signer = AuditSigner.generate()
+        for change_id, kind, payload in [
+            ("old", "received", {"task": "t1", "failures": 20}),
+            ("new", "received", {"task": "t2", "failures": 20}),
+            ("old", "rolled_back", {"before": 0.8}),
+            ("new", "kept", {"after": 0.9}),
+        ]:
+            await store.append_audit(change_id, kind, "gatekeeper", payload, signer=signer)
         records = await store.audit()
 
     assert [(s.change_id, s.task, s.status) for s in summarize(records)] == [

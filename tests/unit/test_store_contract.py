@@ -9,6 +9,7 @@ store. That part knows each backend's layout; everything else goes through ``Sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import sys
@@ -22,7 +23,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from ratchet.audit import GENESIS_HASH, record_hash, verify_chain
+from ratchet.audit import (
+    GENESIS_HASH,
+    AuditSigner,
+    TrailReport,
+    anchor_of,
+    record_hash,
+    utc_text,
+    verify_chain,
+    verify_trail,
+)
 from ratchet.contracts import RunCompleted, RunScored, TraceStep
 from ratchet.store import FailureQuery, FailureRecord, MongoStore, Store, open_store
 
@@ -299,11 +309,15 @@ async def test_count_failures_by_task_since(store: Store) -> None:
 
 # --- audit trail --------------------------------------------------------------------------------
 
+SIGNER = AuditSigner.generate()
 
-async def test_audit_appends_a_chain_that_verifies(store: Store) -> None:
-    first = await store.append_audit("c1", "proposed", "proposer", {"task": "math"})
-    second = await store.append_audit("c2", "proposed", "proposer", {"task": "chat"})
-    third = await store.append_audit("c1", "decided", "alice", {"approved": True, "why": "ok"})
+
+async def test_audit_appends_a_signed_chain_that_verifies(store: Store) -> None:
+    first = await store.append_audit("c1", "proposed", "proposer", {"task": "math"}, signer=SIGNER)
+    second = await store.append_audit("c2", "proposed", "proposer", {"task": "chat"}, signer=SIGNER)
+    third = await store.append_audit(
+        "c1", "decided", "alice", {"approved": True, "why": "ok"}, signer=SIGNER
+    )
 
     assert (first.seq, second.seq, third.seq) == (1, 2, 3)
     assert first.prev_hash == GENESIS_HASH
@@ -311,14 +325,34 @@ async def test_audit_appends_a_chain_that_verifies(store: Store) -> None:
     assert third.hash == record_hash(
         second.hash, 3, "c1", "decided", "alice", {"approved": True, "why": "ok"}, third.at
     )
-    assert await store.audit() == [first, second, third]
+    trail = await store.audit()
+    assert trail == [first, second, third]
     assert await store.audit("c1") == [first, third]
-    assert verify_chain(await store.audit()) == []
+    assert {r.key_id for r in trail} == {SIGNER.key.id}
+    assert all(r.signature and SIGNER.key.verifies(r.hash, r.signature) for r in trail)
+    assert verify_trail(trail, SIGNER.key, anchor_of(third)) == TrailReport()
+
+
+async def test_audit_head_and_record_at_a_seq(store: Store) -> None:
+    assert await store.audit_head() is None
+    assert await store.audit_at(1) is None
+    records = [
+        await store.append_audit("c1", kind, "gatekeeper", {}, signer=SIGNER)
+        for kind in ("proposed", "measured", "decided")
+    ]
+
+    assert await store.audit_head() == records[-1]
+    assert await store.audit_at(2) == records[1]
+    assert await store.audit_at(4) is None
 
 
 async def test_audit_payload_reads_back_as_appended(store: Store) -> None:
     appended = await store.append_audit(
-        "c1", "measured", "gatekeeper", {"at": T0, "ci95": (-0.1, 0.3), "scores": {"a": None}}
+        "c1",
+        "measured",
+        "gatekeeper",
+        {"at": T0, "ci95": (-0.1, 0.3), "scores": {"a": None}},
+        signer=SIGNER,
     )
 
     assert appended.payload == {
@@ -327,12 +361,12 @@ async def test_audit_payload_reads_back_as_appended(store: Store) -> None:
         "scores": {"a": None},
     }
     assert await store.audit() == [appended]
-    assert verify_chain([appended]) == []
+    assert verify_trail([appended], SIGNER.key, anchor_of(appended)) == TrailReport()
 
 
 async def test_edited_audit_payload_is_reported_by_seq(store: Store, backend: Backend) -> None:
     for kind in ("proposed", "measured", "decided"):
-        await store.append_audit("c1", kind, "gatekeeper", {"approved": False})
+        await store.append_audit("c1", kind, "gatekeeper", {"approved": False}, signer=SIGNER)
     assert verify_chain(await store.audit()) == []
 
     backend.update_audit_row(2, {"payload": '{"approved": true}'})
@@ -342,13 +376,13 @@ async def test_edited_audit_payload_is_reported_by_seq(store: Store, backend: Ba
     assert "seq 2" in problems[0] and "altered" in problems[0]
 
 
-async def test_rewritten_audit_record_breaks_the_link(store: Store, backend: Backend) -> None:
+async def test_rewritten_audit_record_fails_its_signature(store: Store, backend: Backend) -> None:
     records = [
-        await store.append_audit("c1", kind, "gatekeeper", {"approved": False})
+        await store.append_audit("c1", kind, "gatekeeper", {"approved": False}, signer=SIGNER)
         for kind in ("proposed", "decided", "applied")
     ]
     forged = records[1]
-    # A careful forger also recomputes the edited record's own hash.
+    # A careful forger also recomputes the edited record's own hash; it cannot sign it.
     backend.update_audit_row(
         2,
         {
@@ -359,15 +393,17 @@ async def test_rewritten_audit_record_breaks_the_link(store: Store, backend: Bac
         },
     )
 
-    problems = verify_chain(await store.audit())
+    report = verify_trail(await store.audit(), SIGNER.key, anchor_of(records[-1]))
 
-    assert len(problems) == 1
-    assert "seq 3" in problems[0] and "seq 2 was rewritten" in problems[0]
+    assert report.problems == [
+        "seq 3: does not link to seq 2 (seq 2 was rewritten)",
+        "seq 2: signature does not match (rewritten or forged after signing)",
+    ]
 
 
 async def test_deleted_audit_record_is_reported_as_a_gap(store: Store, backend: Backend) -> None:
     for kind in ("proposed", "measured", "decided", "applied"):
-        await store.append_audit("c1", kind, "gatekeeper", {})
+        await store.append_audit("c1", kind, "gatekeeper", {}, signer=SIGNER)
 
     backend.delete_audit_row(2)
 
@@ -378,28 +414,33 @@ async def test_deleted_audit_record_is_reported_as_a_gap(store: Store, backend: 
 
 async def test_concurrent_appends_in_one_process_form_one_chain(store: Store) -> None:
     await asyncio.gather(
-        *(store.append_audit(f"c{i % 3}", "measured", "gatekeeper", {"i": i}) for i in range(30))
+        *(
+            store.append_audit(f"c{i % 3}", "measured", "gatekeeper", {"i": i}, signer=SIGNER)
+            for i in range(30)
+        )
     )
 
     records = await store.audit()
     assert [r.seq for r in records] == list(range(1, 31))
     assert sorted(r.payload["i"] for r in records) == list(range(30))
-    assert verify_chain(records) == []
+    assert verify_trail(records, SIGNER.key, anchor_of(records[-1])) == TrailReport()
 
 
 APPENDER = """
 import asyncio, sys, time
 from pathlib import Path
+from ratchet.audit import AuditSigner
 from ratchet.store import open_store
 
 async def main(url: str, who: str, count: int, barrier: Path) -> None:
+    signer = AuditSigner.load_or_create(barrier / "key.pem")
     async with open_store(url) as store:
         await store.audit()  # connected, schema ready
         (barrier / f"ready-{who}").touch()
         while not (barrier / "go").exists():
             time.sleep(0.005)
         for i in range(count):
-            await store.append_audit(f"change-{who}", "measured", who, {"i": i})
+            await store.append_audit(f"change-{who}", "measured", who, {"i": i}, signer=signer)
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])))
 """
@@ -435,7 +476,49 @@ async def test_two_processes_appending_at_once_form_one_chain(
     records = await store.audit()
     assert [r.seq for r in records] == list(range(1, 2 * count + 1))
     assert len(await store.audit("change-a")) == len(await store.audit("change-b")) == count
-    assert verify_chain(records) == []
+    key = AuditSigner.load_or_create(barrier / "key.pem").key  # both made or found the same one
+    assert verify_trail(records, key, anchor_of(records[-1])) == TrailReport()
+
+
+OLD_AUDIT_TABLE = """
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY, change_id TEXT NOT NULL, kind TEXT NOT NULL, actor TEXT NOT NULL,
+    payload TEXT NOT NULL, at TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL
+)
+"""
+
+
+async def test_a_trail_from_before_signing_reads_unsigned_and_continues_signed(
+    tmp_path: Path,
+) -> None:
+    """A SQLite file written before records were signed: its table gains the new columns, its
+    records read back unsigned (reported as such), and new records chain onto them, signed."""
+    path = tmp_path / "ratchet.db"
+    prev_hash = GENESIS_HASH
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(OLD_AUDIT_TABLE)
+        for seq in (1, 2):
+            at = T0 + timedelta(seconds=seq)
+            hash_ = record_hash(prev_hash, seq, "old", "received", "gatekeeper", {}, at)
+            db.execute(
+                "INSERT INTO audit VALUES (?, 'old', 'received', 'gatekeeper', '{}', ?, ?, ?)",
+                (seq, utc_text(at), prev_hash, hash_),
+            )
+            prev_hash = hash_
+
+    async with open_store(f"sqlite:///{path}") as store:
+        old = await store.audit()
+        new = await store.append_audit("c1", "received", "gatekeeper", {}, signer=SIGNER)
+        trail = await store.audit()
+
+    assert [(r.seq, r.signature) for r in old] == [(1, None), (2, None)]
+    assert (new.seq, new.prev_hash) == (3, old[-1].hash)
+    report = verify_trail(trail, SIGNER.key, anchor_of(new))
+    assert report.problems == []
+    assert report.notes == [
+        "seq 1 to 2: unsigned, written before records were signed; their hash chain with the "
+        "first signed record after them vouches for them"
+    ]
 
 
 # --- durability ---------------------------------------------------------------------------------
@@ -448,8 +531,8 @@ async def test_everything_survives_close_and_reopen(backend: Backend) -> None:
         await store.save_scored(score)
         await store.add_failure(lost)
         trail = [
-            await store.append_audit("c1", "proposed", "proposer", {"task": "math"}),
-            await store.append_audit("c1", "decided", "alice", {"approved": True}),
+            await store.append_audit("c1", "proposed", "proposer", {"task": "math"}, signer=SIGNER),
+            await store.append_audit("c1", "decided", "alice", {"approved": True}, signer=SIGNER),
         ]
 
     async with open_store(backend.url) as reopened:
@@ -459,9 +542,13 @@ async def test_everything_survives_close_and_reopen(backend: Backend) -> None:
         assert await reopened.failures(FailureQuery()) == [lost]
         assert await reopened.add_failure(lost) is False
         assert await reopened.audit() == trail
-        appended = await reopened.append_audit("c1", "applied", "gatekeeper", {"version": 4})
+        appended = await reopened.append_audit(
+            "c1", "applied", "gatekeeper", {"version": 4}, signer=SIGNER
+        )
         assert (appended.seq, appended.prev_hash) == (3, trail[-1].hash)
-        assert verify_chain(await reopened.audit()) == []
+        assert verify_trail(await reopened.audit(), SIGNER.key, anchor_of(appended)) == (
+            TrailReport()
+        )
 
 
 # --- open_store ---------------------------------------------------------------------------------

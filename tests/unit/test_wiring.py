@@ -9,7 +9,7 @@ what it publishes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from conftest import measurement
@@ -43,11 +43,23 @@ from ratchet_failure_store.app import build_app as failure_store_app
 E = TypeVar("E", bound=Event)
 
 
+def publisher(app: FastStream, event: type[Event]) -> Any:
+    """The app's publisher of ``event``; a decision's is on its approver's own subject,
+    ``<subject>.<approver>``."""
+    assert app.broker is not None
+    [found] = [
+        p
+        for p in app.broker.publishers
+        if p.subject.template == event.subject or p.subject.template.startswith(f"{event.subject}.")
+    ]
+    return found
+
+
 def published(app: FastStream, event: type[E]) -> list[E]:
     """Every ``event`` the app published so far (its publisher's in-memory record)."""
-    assert app.broker is not None
-    [publisher] = [p for p in app.broker.publishers if p.subject.template == event.subject]
-    return [event.model_validate(call.args[0]) for call in publisher.mock.call_args_list]
+    return [
+        event.model_validate(call.args[0]) for call in publisher(app, event).mock.call_args_list
+    ]
 
 
 def completed(output: str, *, purpose: str = "live") -> RunCompleted:
@@ -227,7 +239,8 @@ async def test_approver_approves_a_superior_change_naming_its_evidence() -> None
 
         [decision] = published(app, ChangeApproved)
         assert published(app, ChangeRejected) == []
-    assert decision.change_id == "c1" and decision.approver == "policy:superior"
+    assert decision.change_id == "c1"
+    assert publisher(app, ChangeApproved).subject.template == "change.approved.policy"
     assert decision.evidence_sha256 == waiting.measurement.sha256()
     assert "shown better" in decision.reason
 
@@ -250,7 +263,8 @@ async def test_approver_rule_comes_from_settings() -> None:
         await broker.publish(awaiting(measurement()), ChangeAwaitingApproval.subject)
 
         [decision] = published(app, ChangeRejected)
-    assert decision.approver == "policy:min-lift:0.5" and "under 50%" in decision.reason
+    assert decision.reason.startswith("rule min-lift:0.5: ") and "under 50%" in decision.reason
+    assert publisher(app, ChangeRejected).subject.template == "change.rejected.policy"
 
 
 def test_approver_refuses_an_unknown_rule_before_connecting() -> None:

@@ -332,12 +332,10 @@ async def test_gatekeeper_refuses_a_decision_without_evidence_and_pages_the_audi
     tmp_path: Path,
 ) -> None:
     app = gatekeeper(tmp_path)
-    decision = ChangeApproved(
-        change_id="ghost", approver="alice", reason="?", evidence_sha256="0" * 64
-    )
+    decision = ChangeApproved(change_id="ghost", reason="?", evidence_sha256="0" * 64)
     async with running(app) as broker:
         await broker.publish(proposal("Ignore the rules."), ChangeProposed.subject)
-        await broker.publish(decision, ChangeApproved.subject)
+        await broker.publish(decision, ChangeApproved.subject_of("alice"))
 
         first = await ask(broker, "audit", AuditQuery(limit=2), AuditPage)
         rest = await ask(broker, "audit", AuditQuery(after_seq=2), AuditPage)
@@ -347,4 +345,5 @@ async def test_gatekeeper_refuses_a_decision_without_evidence_and_pages_the_audi
     assert [(r.seq, r.change_id, r.kind) for r in rest.records] == [
         (3, "ghost", "decision_refused")
     ]
+    assert rest.records[0].actor == "alice"  # the subject's approver, the only name there is
     assert not rest.more

@@ -5,8 +5,11 @@ Formats matter in this project: a right answer wrapped in extra words fails ``ex
 difference the proposer has to learn from. Semantics per kind, beyond :class:`Check`'s docstring:
 
 - ``exact``/``any_of``: both sides trimmed; a trailing period is extra text, not forgiven.
-- ``regex``: :func:`re.search` on the raw output, pattern as written (put ``(?i)`` in it to ignore
-  case; ``case_sensitive`` does not apply).
+- ``regex``: a search on the raw output, pattern as written in :mod:`re` syntax (put ``(?i)`` in it
+  to ignore case; ``case_sensitive`` does not apply), run by the ``regex`` package with a time
+  limit: a pattern that backtracks catastrophically, such as ``(?:.|.|.|.|.)*\\d``, scores 0 with
+  a problem saying the check timed out, instead of holding the evaluator. A pattern too large to
+  compile cheaply (counted repeats that unroll past ``REGEX_UNROLLED_MAX`` items) is a broken check.
 - ``number``: the last number in the output, read with thousands separators (``1,234``), a sign
   (``-5``, also a Unicode minus) and decimals (``3.14``). Words around it are fine.
 - ``json_shape``: the whole trimmed output must be a JSON object, or one fenced code block
@@ -16,24 +19,40 @@ difference the proposer has to learn from. Semantics per kind, beyond :class:`Ch
 
 A check that cannot be applied (an invalid regex, an ``expected`` of the wrong type) scores 0 with
 a problem saying the check itself is broken, so the fault is visible rather than silently passed.
+
+Every check's work is bounded: the output and ``expected`` have limits (:mod:`ratchet.contracts`),
+the regex search has a time limit and releases the GIL while it runs (so the evaluator runs checks
+in a worker thread and its event loop stays free), and the other checks do at most a small
+multiple of linear work in the output's length (no backtracking regex over it, JSON parsing that
+gives up on deep nesting and tries at most ``JSON_STARTS`` places).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import re._constants as re_constants
+import re._parser as re_parser
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
+
+import regex
 
 from ratchet.contracts import Check
 
 EXCERPT_CHARS = 120
 BROKEN_CHECK = "the check itself is broken"
+TIMED_OUT = "the check timed out"
+REGEX_TIMEOUT_S = 0.2  # legitimate patterns take well under a millisecond on an output's limit
+REGEX_UNROLLED_MAX = 100_000  # compiles in about 0.2 s
+JSON_STARTS = 64  # "{" positions tried when looking for a JSON object inside other text
 
 # Last-number search: thousands groups only when complete ("1,234"), otherwise plain digits, so a
 # list "1,2,3" reads as three numbers; a minus glued to a word ("x-5") is a hyphen, not a sign.
 _NUMBER = re.compile(r"(?<![\w.])[-\u2212]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
-_FENCED = re.compile(r"^```[\w+-]*[ \t]*\n(.*?)\n?[ \t]*```$", re.DOTALL)
+_FENCE_OPENING = re.compile(r"```[\w+-]*[ \t]*")
+_REPEATS = (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT, re_constants.POSSESSIVE_REPEAT)
 _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
     "str": lambda v: isinstance(v, str),
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -100,15 +119,66 @@ def _regex(check: Check, output: str) -> list[str]:
     pattern = check.expected
     if not isinstance(pattern, str):
         raise _BrokenCheck(f"a regex check needs a string expected, got {_type(pattern)}")
+    compiled = _compiled(pattern)
     try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
-        raise _BrokenCheck(f"invalid regex {pattern!r}: {exc}") from exc
-    if compiled.search(output):
+        found = compiled.search(output, timeout=REGEX_TIMEOUT_S, concurrent=True)
+    except TimeoutError:
+        return [
+            f"{TIMED_OUT}: /{_short(pattern)}/ took over {REGEX_TIMEOUT_S:g} s on an output of "
+            f"{len(output)} characters (a pattern that backtracks catastrophically?)"
+        ]
+    if found:
         return []
     if not output.strip():
-        return [f"output is empty, expected a match for /{pattern}/"]
-    return [f"output does not match /{pattern}/, got {_quote(output)}"]
+        return [f"output is empty, expected a match for /{_short(pattern)}/"]
+    return [f"output does not match /{_short(pattern)}/, got {_quote(output)}"]
+
+
+@lru_cache(maxsize=256)
+def _compiled(pattern: str) -> regex.Pattern[str]:
+    """``pattern`` compiled, once it is known to be valid :mod:`re` syntax (what suites are
+    checked against) and small enough to compile: the ``regex`` package unrolls counted
+    repeats, so ``((a{1000}){1000}){1000}`` would take gigabytes before any time limit applies."""
+    try:
+        size = _unrolled_size(re_parser.parse(pattern))
+    except re.error as exc:
+        raise _BrokenCheck(f"invalid regex {_short(pattern)!r}: {exc}") from exc
+    except RecursionError as exc:
+        raise _BrokenCheck(f"regex {_short(pattern)!r} is nested too deeply") from exc
+    if size > REGEX_UNROLLED_MAX:
+        raise _BrokenCheck(
+            f"regex {_short(pattern)!r} is too large: its repeats unroll to {size} items, over "
+            f"{REGEX_UNROLLED_MAX}"
+        )
+    try:
+        return regex.compile(pattern)
+    except (regex.error, RecursionError) as exc:
+        raise _BrokenCheck(f"invalid regex {_short(pattern)!r}: {exc}") from exc
+
+
+def _unrolled_size(parsed: Any) -> int:
+    """How many items ``parsed`` (a :mod:`re` parse tree) has with every counted repeat unrolled;
+    an open-ended repeat counts its minimum (at least once)."""
+    size = 0
+    for op, arg in parsed:
+        if op in _REPEATS:
+            low, high, inner = arg
+            size += (high if high != re_constants.MAXREPEAT else max(low, 1)) * _unrolled_size(
+                inner
+            )
+        elif op is re_constants.SUBPATTERN:
+            size += 1 + _unrolled_size(arg[-1])
+        elif op is re_constants.BRANCH:
+            size += 1 + sum(_unrolled_size(branch) for branch in arg[1])
+        elif op in (re_constants.ASSERT, re_constants.ASSERT_NOT):
+            size += 1 + _unrolled_size(arg[1])
+        elif op is re_constants.ATOMIC_GROUP:
+            size += 1 + _unrolled_size(arg)
+        elif op is re_constants.GROUPREF_EXISTS:
+            size += 1 + _unrolled_size(arg[1]) + (_unrolled_size(arg[2]) if arg[2] else 0)
+        else:
+            size += 1
+    return size
 
 
 def _number(check: Check, output: str) -> list[str]:
@@ -131,16 +201,15 @@ def _json_shape(check: Check, output: str) -> list[str]:
     expected = check.expected
     if not (isinstance(expected, dict) and expected):
         raise _BrokenCheck("a json_shape check needs a non-empty object as expected")
-    text = output.strip()
-    fenced = _FENCED.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
+    text = _unfenced(output.strip())
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         if first_json_object(text) is not None:
             return ["output has extra text around the JSON object"]
         return [f"output is not a JSON object: {exc}"]
+    except RecursionError:
+        return ["output is not a JSON object: it is nested too deeply"]
     if not isinstance(value, dict):
         return [f"output is not a JSON object: it is a JSON {_type(value)}"]
     problems: list[str] = []
@@ -157,13 +226,28 @@ def _json_shape(check: Check, output: str) -> list[str]:
     return problems
 
 
+def _unfenced(text: str) -> str:
+    """The inside of one fenced code block filling ``text`` (```json ... ```), else ``text``.
+
+    String operations, not a regex: a lazy pattern over the whole output backtracks
+    quadratically (0.3 s on 16,000 spaces)."""
+    if len(text) < 6 or not (text.startswith("```") and text.endswith("```")):
+        return text
+    opening, newline, rest = text.partition("\n")
+    if not newline or not _FENCE_OPENING.fullmatch(opening):
+        return text
+    return rest[:-3].strip()
+
+
 def first_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object found at some ``{`` in ``text``, whatever surrounds it."""
+    """The first JSON object found at one of the first ``JSON_STARTS`` ``{`` in ``text``,
+    whatever surrounds it (bounded: an output of 16,000 ``{`` costs 64 failed parses)."""
     decoder = json.JSONDecoder()
-    for start in (i for i, char in enumerate(text) if char == "{"):
+    starts = (i for i, char in enumerate(text) if char == "{")
+    for _, start in zip(range(JSON_STARTS), starts, strict=False):
         try:
             value, _ = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
         if isinstance(value, dict):
             return value
@@ -195,6 +279,11 @@ def _type(value: Any) -> str:
 
 def _show(number: float) -> str:
     return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def _short(pattern: str) -> str:
+    """A pattern as problems show it: whole if short, else its start (problems have a limit)."""
+    return pattern if len(pattern) <= EXCERPT_CHARS else pattern[: EXCERPT_CHARS - 1] + "…"
 
 
 def _quote(text: str) -> str:

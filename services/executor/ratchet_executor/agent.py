@@ -2,14 +2,19 @@
 
 An agent is any compiled LangGraph graph that takes ``{"messages": [...]}`` and returns its
 messages; :func:`load_agent_factory` lets users plug in their own by ``module:function``.
+
+What the executor reports is bounded whatever the model says: the output, the trace (its number of
+steps and each step's texts) and the error are cut to the limits of :mod:`ratchet.contracts`, and
+the run names what was cut (``truncated``), so a 700 KB answer becomes a valid ``run.completed``
+instead of a message nobody can publish.
 """
 
 from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Protocol, TypedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, Any, Literal, NamedTuple, Protocol, TypedDict
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
@@ -18,11 +23,24 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode
 
-from ratchet.contracts import RunCompleted, RunRequested, TokenUsage, TraceStep
+from ratchet.contracts import (
+    ERROR_CHARS,
+    NAME_CHARS,
+    OUTPUT_CHARS,
+    TRACE_STEPS,
+    TRACE_TEXT_CHARS,
+    RunCompleted,
+    RunRequested,
+    TokenUsage,
+    TraceStep,
+    clip,
+)
+from ratchet.messaging import Unprocessable
 from ratchet.prompts import DEFAULT_PROMPT, PromptSource, sha256_text
 from ratchet.rules import Rules, compose_system_prompt
 
-TRACE_TEXT_LIMIT = 2000
+LatestVersion = Callable[[str], Awaitable[int | None]]
+StepKind = Literal["model", "tool", "error"]
 
 
 class AgentState(TypedDict):
@@ -80,15 +98,27 @@ class VersionedPromptSource(PromptSource, Protocol):
 
 
 class Executor:
-    """Runs one requested task through the agent and reports everything about the run."""
+    """Runs one requested task through the agent and reports everything about the run.
+
+    ``latest_version`` reads a task's newest version from the prompt store itself (not the
+    watch): a run that asks for a later version is refused at once, since the gatekeeper writes a
+    version before it asks for runs on it; without it (in-memory tests) the executor just waits.
+    """
 
     def __init__(
-        self, agent: Agent, *, model_label: str, rules: Rules, prompts: VersionedPromptSource
+        self,
+        agent: Agent,
+        *,
+        model_label: str,
+        rules: Rules,
+        prompts: VersionedPromptSource,
+        latest_version: LatestVersion | None = None,
     ) -> None:
         self.agent = agent
         self.model_label = model_label
         self.rules = rules
         self.prompts = prompts
+        self.latest_version = latest_version
 
     def task_prompt(self, request: RunRequested) -> tuple[str, int]:
         """The candidate prompt if the request carries one, else the stored version (0 = none)."""
@@ -99,13 +129,28 @@ class Executor:
             return DEFAULT_PROMPT, 0
         return stored.record.text, stored.version
 
+    async def serve_version(self, task: str, version: int) -> None:
+        """Return once the watch serves ``version`` of ``task``; :class:`Unprocessable` if the
+        store does not hold it, rather than waiting (and being redelivered) for minutes."""
+        seen = self.prompts.current(task)
+        if seen is not None and seen.version >= version:
+            return
+        if self.latest_version is not None:
+            latest = await self.latest_version(task)
+            if latest is None or latest < version:
+                has = f"its latest is {latest}" if latest is not None else "it has none"
+                raise Unprocessable(
+                    f"prompt version {version} of task {task!r} does not exist ({has})"
+                )
+        await self.prompts.wait_for_version(task, version)
+
     async def execute(self, request: RunRequested) -> RunCompleted:
         if request.min_prompt_version is not None and request.candidate_prompt is None:
-            await self.prompts.wait_for_version(request.task, request.min_prompt_version)
+            await self.serve_version(request.task, request.min_prompt_version)
         prompt, version = self.task_prompt(request)
         system = compose_system_prompt(self.rules, prompt)
         messages = [SystemMessage(content=system), HumanMessage(content=request.input)]
-        trace: list[TraceStep] = []
+        trace: list[_Step] = []
         usage = TokenUsage()
         output, error = "", None
         started = last = time.perf_counter()
@@ -122,7 +167,16 @@ class Executor:
                 last = now
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-            trace.append(TraceStep(kind="error", name=type(exc).__name__, output=str(exc)[:500]))
+            trace.append(_step("error", type(exc).__name__, output=str(exc)))
+        truncated = [
+            name
+            for name, cut in (
+                ("output", len(output) > OUTPUT_CHARS),
+                ("trace", len(trace) > TRACE_STEPS or any(step.cut for step in trace)),
+                ("error", error is not None and len(error) > ERROR_CHARS),
+            )
+            if cut
+        ]
         return RunCompleted(
             id=f"{request.run_id}.completed",
             run_id=request.run_id,
@@ -130,24 +184,45 @@ class Executor:
             input=request.input,
             check=request.check,
             context=request.context,
-            output=output,
-            trace=trace,
+            output=clip(output, OUTPUT_CHARS),
+            trace=[step.step for step in _bounded(trace)],
             prompt_version=version,
             prompt_sha256=sha256_text(prompt),
             rules_sha256=self.rules.sha256,
-            model=self.model_label,
+            model=clip(self.model_label, NAME_CHARS),
             usage=usage,
             latency_ms=(time.perf_counter() - started) * 1000,
-            error=error,
+            error=None if error is None else clip(error, ERROR_CHARS),
+            truncated=truncated,
         )
 
 
-def _trace_step(message: AnyMessage, ms: float) -> tuple[TraceStep, TokenUsage]:
+class _Step(NamedTuple):
+    step: TraceStep
+    cut: bool  # a text of the step was cut to its limit
+
+
+def _step(
+    kind: StepKind, name: str, *, input: Any = "", output: Any = "", ms: float = 0.0
+) -> _Step:
+    texts = [text if isinstance(text, str) else str(text) for text in (name, input, output)]
+    limits = (NAME_CHARS, TRACE_TEXT_CHARS, TRACE_TEXT_CHARS)
+    name, input, output = (clip(text, limit) for text, limit in zip(texts, limits, strict=True))
+    cut = any(len(text) > limit for text, limit in zip(texts, limits, strict=True))
+    return _Step(TraceStep(kind=kind, name=name, input=input, output=output, ms=ms), cut)
+
+
+def _bounded(trace: list[_Step]) -> list[_Step]:
+    """At most ``TRACE_STEPS`` steps: the first ones and the last (which holds the answer or the
+    error)."""
+    if len(trace) <= TRACE_STEPS:
+        return trace
+    return [*trace[: TRACE_STEPS - 1], trace[-1]]
+
+
+def _trace_step(message: AnyMessage, ms: float) -> tuple[_Step, TokenUsage]:
     if isinstance(message, ToolMessage):
-        step = TraceStep(
-            kind="tool", name=message.name or "tool", output=_clip(message.content), ms=ms
-        )
-        return step, TokenUsage()
+        return _step("tool", message.name or "tool", output=message.content, ms=ms), TokenUsage()
     if isinstance(message, AIMessage):
         calls = "; ".join(f"{c['name']}({c['args']})" for c in message.tool_calls)
         meta = message.usage_metadata
@@ -155,15 +230,5 @@ def _trace_step(message: AnyMessage, ms: float) -> tuple[TraceStep, TokenUsage]:
             input_tokens=meta["input_tokens"] if meta else 0,
             output_tokens=meta["output_tokens"] if meta else 0,
         )
-        step = TraceStep(
-            kind="model", name="agent", input=calls, output=_clip(message.content), ms=ms
-        )
-        return step, usage
-    return TraceStep(kind="model", name=type(message).__name__, output=_clip(message.content)), (
-        TokenUsage()
-    )
-
-
-def _clip(content: Any) -> str:
-    text = content if isinstance(content, str) else str(content)
-    return text[:TRACE_TEXT_LIMIT]
+        return _step("model", "agent", input=calls, output=message.content, ms=ms), usage
+    return _step("model", type(message).__name__, output=message.content), TokenUsage()

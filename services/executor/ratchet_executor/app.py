@@ -1,5 +1,7 @@
 """Executor service: ``run.requested`` and ``run.gate.requested`` in, agent run, ``run.completed``
-out."""
+out. A request for a prompt version the store does not hold is dead-lettered at once with that
+reason: it names something that does not exist, like a malformed message, and running it anyway
+would record a "crashed" run that the proposer and the gate would count as the agent's failure."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from faststream.specification import AsyncAPI
 from ratchet.contracts import GateRunRequested, RunCompleted, RunRequested
 from ratchet.messaging import connect, durable_subscriber, event_publisher, make_broker, publish
 from ratchet.models import make_chat_model, model_label
-from ratchet.prompts import PromptReader
+from ratchet.prompts import PromptReader, read_current
 from ratchet.rules import load_rules
 from ratchet.settings import Settings, get_settings
 from ratchet.tools import get_tools
@@ -43,10 +45,18 @@ def build_app(
             yield
             return
         connection = await connect(settings, name="executor-prompts")
-        reader = PromptReader(connection.jetstream())
+        js = connection.jetstream()
+        reader = PromptReader(js)
+
+        async def latest_version(task: str) -> int | None:
+            stored = await read_current(js, task)
+            return None if stored is None else stored.version
+
         try:
             await reader.start()
-            executor = Executor(agent, model_label=label, rules=rules, prompts=reader)
+            executor = Executor(
+                agent, model_label=label, rules=rules, prompts=reader, latest_version=latest_version
+            )
             yield
         finally:
             await reader.stop()

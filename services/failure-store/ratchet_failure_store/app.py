@@ -1,4 +1,12 @@
-"""Failure store service: persists every run and score, logs failures, answers queries."""
+"""Failure store service: persists every run and score, logs failures, answers queries.
+
+Query replies fit in one NATS message: at most ``MAX_FAILURES_PER_QUERY`` failures are read, each
+is shown within the message limits (a record stored before the limits existed is cut for the
+reply, never in the store). Failures that still do not fit are shown with shorter texts, so a
+reader gets every failure it asked for (the proposer compares them with their groups), and only
+past the shortest texts are the oldest left out; a reply says what it did in a header
+(:func:`ratchet.queries.list_reply`), which the CLI shows.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +14,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from faststream import FastStream
+from faststream.nats import NatsResponse
 from faststream.specification import AsyncAPI
 
-from ratchet.contracts import FailureGroup, FailureLogged, RunCompleted, RunScored
+from ratchet.contracts import FailureLogged, RunCompleted, RunScored
 from ratchet.grouping import group_failures
 from ratchet.messaging import (
     QUERY_PREFIX,
@@ -17,10 +26,10 @@ from ratchet.messaging import (
     make_broker,
     publish,
 )
-from ratchet.queries import FailureCount
+from ratchet.queries import MAX_FAILURES_PER_QUERY, REPLY_BYTES, FailureCount, list_reply
 from ratchet.settings import Settings, get_settings
 from ratchet.store import FailureQuery, FailureRecord, open_store
-from ratchet_failure_store.recorder import FailureRecorder
+from ratchet_failure_store.recorder import FailureRecorder, shown_in_reply, within_limits
 
 
 def build_app(settings: Settings | None = None) -> FastStream:
@@ -60,9 +69,17 @@ def build_app(settings: Settings | None = None) -> FastStream:
     async def on_run_scored(score: RunScored) -> None:
         await publish_if_failure(await started().on_scored(score))
 
-    @broker.subscriber(f"{QUERY_PREFIX}.failures", description="Stored failures matching a query.")
-    async def query_failures(query: FailureQuery) -> list[FailureRecord]:
-        return await started().store.failures(query)
+    async def failures(query: FailureQuery) -> list[FailureRecord]:
+        bounded = query.model_copy(update={"limit": min(query.limit, MAX_FAILURES_PER_QUERY)})
+        return await started().store.failures(bounded)
+
+    @broker.subscriber(
+        f"{QUERY_PREFIX}.failures",
+        description="Stored failures matching a query, newest first, as many as fit in a reply.",
+    )
+    async def query_failures(query: FailureQuery) -> NatsResponse:
+        shown, shortened = shown_in_reply(await failures(query), REPLY_BYTES)
+        return list_reply(shown, noun="failures", shortened=shortened)
 
     @broker.subscriber(
         f"{QUERY_PREFIX}.count", description="How many failures a task has had since a moment."
@@ -73,9 +90,10 @@ def build_app(settings: Settings | None = None) -> FastStream:
     @broker.subscriber(
         f"{QUERY_PREFIX}.groups", description="A task's failures grouped by problem."
     )
-    async def query_groups(query: FailureQuery) -> list[FailureGroup]:
-        failures = await started().store.failures(query)
-        return group_failures([(f.run_id, f.problems) for f in failures])
+    async def query_groups(query: FailureQuery) -> NatsResponse:
+        found = await failures(query)
+        groups = group_failures([(f.run_id, f.problems) for f in map(within_limits, found)])
+        return list_reply(groups, noun="groups")
 
     return FastStream(
         broker,

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
-from ratchet.contracts import FailureLogged, RunCompleted, RunScored, utcnow
+from ratchet.contracts import (
+    INPUT_CHARS,
+    NAME_CHARS,
+    OUTPUT_CHARS,
+    PROBLEM_CHARS,
+    PROBLEMS,
+    TRACE_STEPS,
+    TRACE_TEXT_CHARS,
+    FailureLogged,
+    RunCompleted,
+    RunScored,
+    clip,
+    utcnow,
+)
 from ratchet.store import FailureRecord, Store, StoredRun
+
+REPLY_TEXT_CHARS = (4_000, 1_000, 250)  # tried in turn when a reply's failures do not fit
 
 
 class FailureRecorder:
@@ -48,3 +63,72 @@ class FailureRecorder:
             score=score.score,
             problems=score.problems,
         )
+
+
+def within_limits(failure: FailureRecord, chars: int | None = None) -> FailureRecord:
+    """``failure`` with its texts within the message limits, and its input, output and trace texts
+    within ``chars`` if given: what a reply shows (the store keeps the whole record). A failure
+    logged since the limits exist is within them already; one stored before may hold a 700 KB
+    output, which would make every reply that lists it too large to send."""
+    input_chars, output_chars, trace_chars = (
+        limit if chars is None else min(limit, chars)
+        for limit in (INPUT_CHARS, OUTPUT_CHARS, TRACE_TEXT_CHARS)
+    )
+    if _fits(failure, input_chars, output_chars, trace_chars):
+        return failure
+    trace = failure.trace
+    if len(trace) > TRACE_STEPS:
+        trace = [*trace[: TRACE_STEPS - 1], trace[-1]]
+    return failure.model_copy(
+        update={
+            "input": clip(failure.input, input_chars),
+            "output": clip(failure.output, output_chars),
+            "problems": [clip(p, PROBLEM_CHARS) for p in failure.problems[:PROBLEMS]],
+            "trace": [
+                step.model_copy(
+                    update={
+                        "name": clip(step.name, NAME_CHARS),
+                        "input": clip(step.input, trace_chars),
+                        "output": clip(step.output, trace_chars),
+                    }
+                )
+                for step in trace
+            ],
+        }
+    )
+
+
+def _fits(failure: FailureRecord, input_chars: int, output_chars: int, trace_chars: int) -> bool:
+    return (
+        len(failure.input) <= input_chars
+        and len(failure.output) <= output_chars
+        and len(failure.problems) <= PROBLEMS
+        and all(len(p) <= PROBLEM_CHARS for p in failure.problems)
+        and len(failure.trace) <= TRACE_STEPS
+        and all(
+            len(step.name) <= NAME_CHARS
+            and len(step.input) <= trace_chars
+            and len(step.output) <= trace_chars
+            for step in failure.trace
+        )
+    )
+
+
+def shown_in_reply(failures: list[FailureRecord], budget: int) -> tuple[list[FailureRecord], str]:
+    """Every one of ``failures`` in one reply of ``budget`` bytes if that can be done by cutting
+    their inputs, outputs and trace texts to the longest of ``REPLY_TEXT_CHARS`` at which all fit
+    (so a reader, the proposer say, gets the failures it asked for, only shortened), with a note
+    saying so; else cut to the shortest, and the reply leaves out the oldest that still do not
+    fit."""
+    shown = [within_limits(failure) for failure in failures]
+    if _size(shown) <= budget:
+        return shown, ""
+    for chars in REPLY_TEXT_CHARS:
+        shown = [within_limits(failure, chars) for failure in failures]
+        if _size(shown) <= budget:
+            break
+    return shown, f"inputs, outputs and trace texts cut to {chars} characters"
+
+
+def _size(failures: list[FailureRecord]) -> int:
+    return 2 + sum(len(f.model_dump_json().encode()) + 1 for f in failures)

@@ -1,18 +1,24 @@
 """Gatekeeper service: the only writer of the prompt store, and only for approved changes; the
-owner of the audit trail, which it alone writes and answers for (``query.changes``,
-``query.change``, ``query.audit``)."""
+owner of the audit trail, which it alone writes, signs, anchors and answers for
+(``query.changes``, ``query.change``, ``query.audit``)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 
-from faststream import FastStream
+from faststream import FastStream, Path
+from faststream.nats import NatsResponse
 from faststream.specification import AsyncAPI
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from nats.js import JetStreamContext
 
+from ratchet.audit import SIGNING_KEY_FILE, AuditSigner, read_anchor
 from ratchet.contracts import (
+    AuditAnchor,
     ChangeApplied,
     ChangeApproved,
     ChangeAwaitingApproval,
@@ -39,20 +45,28 @@ from ratchet.queries import (
     AuditQuery,
     ChangeQuery,
     ChangesQuery,
-    ChangeSummary,
     audit_page,
+    list_reply,
     summarize,
 )
 from ratchet.rules import load_rules
 from ratchet.settings import Settings, get_settings
-from ratchet.store import AuditRecord, open_store
+from ratchet.store import open_store
 from ratchet.suites import Suite, load_suites
-from ratchet_gatekeeper.graph import Gate, PromptStoreAccess, build_gate_graph
+from ratchet_gatekeeper.graph import (
+    Gate,
+    PromptStoreAccess,
+    TrailTampered,
+    build_gate_graph,
+)
 from ratchet_gatekeeper.ledger import GateLedger
 from ratchet_gatekeeper.runner import GateRunner
 
 CHECKPOINTS_FILE = "gatekeeper-checkpoints.db"
 LEDGER_FILE = "gatekeeper-runs.db"
+REANCHOR_EVERY_S = 24 * 3600.0  # well within the events stream's 30 days
+REANCHOR_RETRY_S = 60.0  # after a failure that may pass (NATS away, say)
+log = logging.getLogger("ratchet.gatekeeper")
 PUBLISHES = (
     GateRunRequested,
     ChangeAwaitingApproval,
@@ -91,6 +105,7 @@ def build_app(
         event_type.subject: event_publisher(broker, event_type) for event_type in PUBLISHES
     }
     runner: GateRunner | None = None  # made at start, once its files and the prompt store are open
+    anchoring: list[asyncio.Task[None]] = []  # the head's daily re-anchoring, once the broker runs
 
     async def publish_event(event: Event) -> None:
         await publish(publishers[event.subject], event)
@@ -99,26 +114,43 @@ def build_app(
     async def lifespan() -> AsyncIterator[None]:
         nonlocal runner
         settings.home.mkdir(parents=True, exist_ok=True)
+        # the audit trail's signing key: in the gatekeeper's own home, never in the database
+        signer = AuditSigner.load_or_create(settings.home / SIGNING_KEY_FILE)
         async with AsyncExitStack() as resources:
             # the store; of its tables the gatekeeper uses (and owns) only the audit trail
             trail = await resources.enter_async_context(open_store(settings.resolved_store_url()))
             ledger = await GateLedger.open(settings.home / LEDGER_FILE)
             resources.push_async_callback(ledger.close)
+            prompt_store, newest_anchor = (
+                (prompts, None)
+                if prompts
+                else await _open_prompt_store_and_anchor(settings, suites, resources)
+            )
             gate = Gate(
                 store=trail,
                 ledger=ledger,
-                prompts=prompts or await _open_prompt_store(settings, suites, resources),
+                prompts=prompt_store,
                 publish=publish_event,
                 rules=rules,
                 suites=suites,
                 threshold=settings.failure_threshold,
                 settings=settings.gate,
+                signer=signer,
+                newest_anchor=newest_anchor,
             )
             checkpointer = await resources.enter_async_context(
                 AsyncSqliteSaver.from_conn_string(str(settings.home / CHECKPOINTS_FILE))
             )
             runner = GateRunner(build_gate_graph(gate, checkpointer), gate)
+            resources.callback(stop_anchoring)
             yield
+
+    async def start_anchoring() -> None:
+        anchoring.append(asyncio.create_task(keep_anchored(started().gate)))
+
+    def stop_anchoring() -> None:
+        for task in anchoring:
+            task.cancel()
 
     def started() -> GateRunner:
         if runner is None:
@@ -141,37 +173,52 @@ def build_app(
     async def on_run_scored(score: RunScored) -> None:
         await started().gate.ledger.record(score)
 
+    # Who decided is the subject's last token, which only that approver's NATS user may publish
+    # (natsconf), never a name from the body.
     @durable_subscriber(
-        broker, ChangeApproved.subject, durable="gatekeeper-approved", settings=settings
+        broker,
+        ChangeApproved.subject_of("{approver}"),
+        durable="gatekeeper-approvals",
+        settings=settings,
+        description="Approvals; the subject names the approver the server authenticated.",
     )
-    async def on_approved(decision: ChangeApproved) -> None:
-        await started().on_decision(decision, approved=True)
+    async def on_approved(decision: ChangeApproved, approver: str = Path()) -> None:
+        await started().on_decision(decision, approved=True, approver=approver)
 
     @durable_subscriber(
-        broker, ChangeRejected.subject, durable="gatekeeper-rejected", settings=settings
+        broker,
+        ChangeRejected.subject_of("{approver}"),
+        durable="gatekeeper-rejections",
+        settings=settings,
+        description="Rejections; the subject names the approver the server authenticated.",
     )
-    async def on_rejected(decision: ChangeRejected) -> None:
-        await started().on_decision(decision, approved=False)
+    async def on_rejected(decision: ChangeRejected, approver: str = Path()) -> None:
+        await started().on_decision(decision, approved=False, approver=approver)
 
     @broker.subscriber(f"{QUERY_PREFIX}.changes", description="Every change and its latest status.")
-    async def list_changes(query: ChangesQuery) -> list[ChangeSummary]:
+    async def list_changes(query: ChangesQuery) -> NatsResponse:
         summaries = summarize(await started().gate.store.audit())
-        return [s for s in summaries if query.task in (None, s.task)]
+        wanted = [s for s in summaries if query.task in (None, s.task)]
+        return list_reply(wanted, noun="changes (the oldest)")
 
     @broker.subscriber(f"{QUERY_PREFIX}.change", description="One change's full audit trail.")
-    async def show_change(query: ChangeQuery) -> list[AuditRecord]:
-        return await started().gate.store.audit(query.change_id)
+    async def show_change(query: ChangeQuery) -> NatsResponse:
+        trail = await started().gate.store.audit(query.change_id)
+        return list_reply(trail, noun="records of the change (the newest)")
 
     @broker.subscriber(
         f"{QUERY_PREFIX}.audit",
         description="The whole audit trail, one page at a time (records after a seq).",
     )
     async def read_audit(query: AuditQuery) -> AuditPage:
-        return audit_page(await started().gate.store.audit(), query)
+        gate = started().gate
+        page = audit_page(await gate.store.audit(), query)
+        return page.model_copy(update={"public_key": gate.signer.key.text})
 
     return FastStream(
         broker,
         lifespan=lifespan,
+        after_startup=[start_anchoring],
         specification=AsyncAPI(
             title="Ratchet gatekeeper",
             description="Validates, measures, gates, applies and verifies prompt changes; owns "
@@ -180,15 +227,41 @@ def build_app(
     )
 
 
-async def _open_prompt_store(
+async def _open_prompt_store_and_anchor(
     settings: Settings, suites: dict[str, Suite], resources: AsyncExitStack
-) -> KvPrompts:
+) -> tuple[KvPrompts, Callable[[], Awaitable[AuditAnchor | None]]]:
     """The prompt store on the gatekeeper's own connection (closed with ``resources``), with each
-    suite's prompt seeded as its task's first version."""
+    suite's prompt seeded as its task's first version; and a reader of the audit trail's newest
+    anchor in the events stream, on the same connection."""
     connection = await connect(settings, name="gatekeeper-prompts")
     resources.push_async_callback(connection.close)
     js = connection.jetstream()
     writer = await PromptWriter.connect(js)
     for suite in suites.values():
         await writer.seed(suite.name, PromptRecord(text=suite.prompt, kind="initial"))
-    return KvPrompts(js, writer)
+    return KvPrompts(js, writer), partial(_newest_anchor, js)
+
+
+async def _newest_anchor(js: JetStreamContext) -> AuditAnchor | None:
+    event = await read_anchor(js)
+    return event.head if event else None
+
+
+async def keep_anchored(gate: Gate) -> None:
+    """Anchor the trail's head at start and then daily: the events stream drops messages after
+    30 days, and a trail without changes for that long would otherwise lose its anchor."""
+    while True:
+        await asyncio.sleep(await anchor_once(gate))
+
+
+async def anchor_once(gate: Gate) -> float:
+    """Anchor the head once; returns how long to wait before the next time. A trail that no
+    longer matches its anchor is reported, never anchored again."""
+    try:
+        await gate.reanchor()
+    except TrailTampered as exc:
+        log.error("%s", exc)
+    except Exception:
+        log.exception("anchoring the audit trail's head failed; trying again in a minute")
+        return REANCHOR_RETRY_S
+    return REANCHOR_EVERY_S

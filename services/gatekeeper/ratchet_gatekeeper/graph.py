@@ -12,8 +12,9 @@ A resumed node re-runs from its first line, so every side effect here is idempot
 are derived from the change and a secret nonce drawn once per change (a finished run is not
 requested again, and JetStream drops a repeated request), events carry ids derived from the
 change id, prompt writes check whether they already happened, and each audit kind is written
-once per change. The gatekeeper owns the audit trail (no other service writes it) and announces
-each record on ``change.recorded``, so followers wait on events instead of asking again and again.
+once per change. The gatekeeper owns the audit trail (no other service writes it), signs each
+record, and announces it on ``change.recorded`` with the trail's head, so followers wait on events
+instead of asking again and again, and the stream keeps an anchor of the trail's end.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Checkpointer, interrupt
 
+from ratchet.audit import AuditSigner, anchor_of, anchor_problem
 from ratchet.contracts import (
+    AuditAnchor,
     ChangeApplied,
     ChangeAwaitingApproval,
     ChangeKept,
@@ -59,6 +62,13 @@ log = logging.getLogger("ratchet.gatekeeper")
 
 ACTOR = "gatekeeper"
 Arm = Literal["current", "candidate"]
+AnchorReader = Callable[[], Awaitable[AuditAnchor | None]]
+
+
+class TrailTampered(RuntimeError):
+    """The audit trail no longer matches its newest anchor in the stream (records were cut off
+    or rewritten behind the gatekeeper's back): it is neither extended nor anchored again, since
+    either would hide what happened."""
 
 
 class ChangeState(TypedDict, total=False):
@@ -117,7 +127,11 @@ class Gate:
         suites: dict[str, Suite],
         threshold: float,
         settings: GateSettings,
+        signer: AuditSigner,
+        newest_anchor: AnchorReader | None = None,
     ) -> None:
+        """``signer`` signs every audit record; ``newest_anchor`` reads the trail's newest
+        anchor from the stream (None where there is no stream: the in-memory tests)."""
         self.store = store
         self.ledger = ledger
         self.prompts = prompts
@@ -126,6 +140,10 @@ class Gate:
         self.suites = suites
         self.threshold = threshold
         self.settings = settings
+        self.signer = signer
+        self.newest_anchor = newest_anchor
+        # append and announce as one step, so the newest announcement carries the newest head
+        self._audit_lock = asyncio.Lock()
 
     async def audit(
         self,
@@ -136,22 +154,62 @@ class Gate:
         *,
         key: str | None = None,
     ) -> None:
-        """Append one audit record of this kind for this change (and ``key``), once, then
-        announce it on ``change.recorded`` (again after a crash: the event id is the record's
-        seq, so a repeat is dropped)."""
-        record = await self._recorded(change_id, kind, key)
-        if record is None:
-            record = await self.store.append_audit(
-                change_id, kind, actor, payload if key is None else {**payload, "key": key}
-            )
+        """Append one signed audit record of this kind for this change (and ``key``), once,
+        then announce it on ``change.recorded`` (again after a crash: the event id is the
+        record's seq, so a repeat is dropped). Refuses (:class:`TrailTampered`) while the trail
+        does not match its anchor in the stream."""
+        async with self._audit_lock:
+            await self._check_anchor()
+            record = await self._recorded(change_id, kind, key)
+            if record is None:
+                record = await self.store.append_audit(
+                    change_id,
+                    kind,
+                    actor,
+                    payload if key is None else {**payload, "key": key},
+                    signer=self.signer,
+                )
+            await self._announce(record)
+
+    async def reanchor(self) -> AuditRecord | None:
+        """Announce the trail's head again (the gatekeeper does at start and daily), so the
+        stream always holds a recent anchor although it drops messages after 30 days. Returns
+        the head, None while the trail is empty."""
+        async with self._audit_lock:
+            await self._check_anchor()
+            head = await self.store.audit_head()
+            if head is not None:
+                await self._announce(head)
+            return head
+
+    async def _announce(self, record: AuditRecord) -> None:
+        head = await self.store.audit_head()
         await self.publish(
             ChangeRecorded(
-                id=f"{change_id}.recorded.{record.seq}",
-                change_id=change_id,
-                kind=kind,
+                id=f"{record.change_id}.recorded.{record.seq}",
+                change_id=record.change_id,
+                kind=record.kind,
                 seq=record.seq,
+                head=anchor_of(head or record),
             )
         )
+
+    async def _check_anchor(self) -> None:
+        """The trail still holds the record the stream's newest anchor names, unchanged. Without
+        this check, records cut off behind the gatekeeper's back would be replaced by new ones
+        under the same seqs, and the next anchor would hide the cut."""
+        anchor = await self.newest_anchor() if self.newest_anchor else None
+        if anchor is None:
+            return
+        head = await self.store.audit_head()
+        problem = anchor_problem(
+            anchor, await self.store.audit_at(anchor.seq), head.seq if head else 0
+        )
+        if problem:
+            raise TrailTampered(
+                f"the audit trail does not match its anchor in the stream: {problem}; see "
+                "`ratchet audit --verify`"
+            )
 
     async def _recorded(self, change_id: str, kind: str, key: str | None) -> AuditRecord | None:
         """The change's record of this kind (and ``key``), if it was written before."""

@@ -51,38 +51,42 @@ class GateRunner:
             elif pending and pending != ("decide",):
                 await self.graph.ainvoke(None, self.config(change.change_id))
 
-    async def on_decision(self, decision: ChangeDecision, *, approved: bool) -> bool:
-        """Resume a change waiting at the gate. False (and audited, when the change exists) when
-        the decision is refused: no change waits for it, its evidence does not exist yet, or it
-        names other evidence than the gate measured."""
+    async def on_decision(self, decision: ChangeDecision, *, approved: bool, approver: str) -> bool:
+        """Resume a change waiting at the gate. ``approver``: who decided, as the server
+        authenticated it (the decision's subject). False (and audited, when the change exists)
+        when the decision is refused: no change waits for it, its evidence does not exist yet,
+        or it names other evidence than the gate measured."""
         values, _ = await self.status(decision.change_id)
         if not values:
-            return await self._refuse(decision, "no such change (yet): nothing to decide on")
+            why = "no such change (yet): nothing to decide on"
+            return await self._refuse(decision, approver, why)
         evidence = values.get("evidence_sha256")
         if evidence is None:
-            return await self._refuse(decision, "no evidence yet: the change is being measured")
+            why = "no evidence yet: the change is being measured"
+            return await self._refuse(decision, approver, why)
         if decision.evidence_sha256 != evidence:
-            return await self._refuse(decision, f"names other evidence than {evidence[:12]}")
+            why = f"names other evidence than {evidence[:12]}"
+            return await self._refuse(decision, approver, why)
         async with self.locks[decision.change_id]:
-            return await self._decide(decision, approved=approved)
+            return await self._decide(decision, approved=approved, approver=approver)
 
-    async def _refuse(self, decision: ChangeDecision, why: str) -> bool:
+    async def _refuse(self, decision: ChangeDecision, approver: str, why: str) -> bool:
         log.warning("decision %s on %s refused: %s", decision.id, decision.change_id, why)
         await self.gate.audit(
             decision.change_id,
             "decision_refused",
-            {**decision.model_dump(mode="json", include={"approver", "reason"}), "why": why},
-            actor=decision.approver,
+            {"approver": approver, "reason": decision.reason, "why": why},
+            actor=approver,
             key=decision.id,
         )
         return False
 
-    async def _decide(self, decision: ChangeDecision, *, approved: bool) -> bool:
+    async def _decide(self, decision: ChangeDecision, *, approved: bool, approver: str) -> bool:
         _, pending = await self.status(decision.change_id)
         if pending == ("decide",):
             resume = {
                 "approved": approved,
-                "approver": decision.approver,
+                "approver": approver,
                 "reason": decision.reason,
                 "evidence_sha256": decision.evidence_sha256,
             }

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -27,9 +28,10 @@ from ratchet.queries import ProposeReply, ProposeRequest
 from ratchet.settings import Settings, get_settings
 from ratchet_proposer.failure_store import FailureStoreClient
 from ratchet_proposer.marks import ProposalMarks
-from ratchet_proposer.proposer import ProposalError, Proposer
+from ratchet_proposer.proposer import ProposalError, ProposalRefused, Proposer
 
 MARKS_FILE = "proposer.db"
+log = logging.getLogger("ratchet.proposer")
 
 
 def build_app(
@@ -82,15 +84,23 @@ def build_app(
         description="Count new failures per task; propose once enough have gathered.",
     )
     async def on_failure_logged(failure: FailureLogged) -> None:
+        # A refused reply is the model's answer, not a fault: logged, not redelivered. The failure
+        # store not answering is a fault: the message is redelivered later.
         async with task_locks[failure.task]:  # one proposal at a time per task
             if await started().due(failure.task):
-                await propose(failure.task)
+                try:
+                    await propose(failure.task)
+                except ProposalRefused as refused:
+                    log.warning("no change proposed for %r: %s", failure.task, refused)
 
     @broker.subscriber(f"{QUERY_PREFIX}.propose", description="Propose a change for a task now.")
     async def propose_now(request: ProposeRequest) -> ProposeReply:
         async with task_locks[request.task]:
             try:
                 return ProposeReply(change=await propose(request.task))
+            except ProposalRefused as refused:
+                log.warning("no change proposed for %r: %s", request.task, refused)
+                return ProposeReply(error=str(refused))
             except ProposalError as exc:
                 return ProposeReply(error=str(exc))
 

@@ -14,9 +14,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
+
 from ratchet.cli import changes, prompts, runs, stack, suites
 from ratchet.cli.client import ClientError
 from ratchet.natsproc import NatsStartError
+from ratchet.untrusted import for_terminal
 
 GROUPS = (stack, runs, changes, prompts, suites)  # the order `ratchet --help` lists them in
 
@@ -39,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(asyncio.run(handler(args)) if args.is_async else handler(args))
     except (ClientError, NatsStartError) as exc:
-        print(f"ratchet: error: {exc}", file=sys.stderr)
+        print(f"ratchet: error: {for_terminal(str(exc))}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:  # a message built from the arguments is over a limit, say
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or exc.title
+        print(f"ratchet: error: {where}: {first['msg']}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

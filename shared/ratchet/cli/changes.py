@@ -6,40 +6,42 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+from pathlib import Path
 
 from nats.aio.client import Client
 from pydantic import TypeAdapter
+from rich.text import Text
 
-from ratchet.audit import verify_chain
+from ratchet.audit import AuditKey, AuditKeyError, TrailReport, verify_trail
 from ratchet.cli.client import (
     ClientError,
     client_settings,
+    fetch_anchor,
+    fetch_audit,
     fetch_trail,
     open_client,
     query,
-    request,
     send_decision,
 )
 from ratchet.cli.render import (
     audit_table,
     changes_table,
     console,
+    labelled,
     plain,
     print_evidence,
+    shown,
     trail_table,
 )
 from ratchet.contracts import ChangeProposed
 from ratchet.messaging import QUERY_PREFIX, publish_js
 from ratchet.prompts import read_current
 from ratchet.queries import (
-    AuditPage,
-    AuditQuery,
     ChangesQuery,
     ChangeSummary,
     ProposeReply,
     ProposeRequest,
 )
-from ratchet.store import AuditRecord
 
 
 async def cmd_propose(args: argparse.Namespace) -> int:
@@ -57,7 +59,7 @@ async def cmd_propose(args: argparse.Namespace) -> int:
         raise ClientError(reply.error or "the proposer made no proposal")
     change = reply.change
     plain(f"proposed change {change.change_id} for {change.task} (from v{change.base_version})")
-    plain(f"prompt: {change.proposed_prompt}")
+    console.print(labelled("prompt:", change.proposed_prompt, style=""))
     plain(f"why: {change.rationale}")
     console.print("the gatekeeper now measures it; see `ratchet changes`")
     return 0
@@ -121,7 +123,9 @@ async def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in trail], indent=2))
         return 0
-    console.print(f"[bold]change {args.change}[/]: {trail[-1].kind}")
+    console.print(
+        Text.assemble(shown(f"change {args.change}", "bold"), ": ", shown(trail[-1].kind))
+    )
     print_evidence(trail)
     console.print(trail_table(trail))
     return 0
@@ -129,51 +133,91 @@ async def cmd_show(args: argparse.Namespace) -> int:
 
 async def cmd_decide(args: argparse.Namespace) -> int:
     approve = args.command == "approve"
-    await send_decision(
-        args.change, approve=approve, reason=args.reason, approver=f"cli:{getpass.getuser()}"
-    )
-    console.print(
-        f"{'approved' if approve else 'rejected'} {args.change}; see `ratchet show {args.change}`"
-    )
+    name = await send_decision(args.change, approve=approve, reason=args.reason, approver=args.as_)
+    verb = "approved" if approve else "rejected"
+    plain(f"{verb} {args.change} as {name}; see `ratchet show {args.change}`")
     return 0
 
 
-async def fetch_audit(nc: Client) -> list[AuditRecord]:
-    """The whole audit trail from its owner, the gatekeeper, a page at a time."""
-    records: list[AuditRecord] = []
-    while True:
-        page = await request(
-            nc,
-            f"{QUERY_PREFIX}.audit",
-            AuditQuery(after_seq=records[-1].seq if records else 0),
-            TypeAdapter(AuditPage),
-            service="gatekeeper",
+def pinned_key(value: str) -> AuditKey:
+    """``--public-key``: the key itself (``ed25519:...``) or a file holding it, such as the
+    gatekeeper's ``gatekeeper-audit-key.pub`` that the operator saved."""
+    try:
+        if value.strip().startswith("ed25519:"):
+            return AuditKey.parse(value)
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ClientError(f"--public-key: cannot read {value!r} ({exc.strerror})") from exc
+        return AuditKey.parse(text)
+    except AuditKeyError as exc:
+        raise ClientError(f"--public-key: {exc}") from exc
+
+
+def verifying_key(pinned: AuditKey | None, sent: str | None) -> tuple[AuditKey | None, str, str]:
+    """The key to check signatures with, a line saying which it is, and a problem when the
+    gatekeeper's key is not the pinned one (empty if none)."""
+    try:
+        gatekeepers = AuditKey.parse(sent) if sent else None
+    except AuditKeyError as exc:
+        raise ClientError(f"the gatekeeper sent an unusable public key: {exc}") from exc
+    if pinned is not None:
+        mismatch = (
+            f"the gatekeeper signs with key {gatekeepers.id}, not the pinned key {pinned.id}"
+            if gatekeepers is not None and gatekeepers != pinned
+            else ""
         )
-        records += page.records
-        if not (page.more and page.records):
-            return records
+        return pinned, f"key: {pinned.id}, pinned (--public-key)", mismatch
+    if gatekeepers is not None:
+        return (
+            gatekeepers,
+            f"key: {gatekeepers.id}, as the gatekeeper sent it (to check against your own copy, "
+            f"save it and pass --public-key {gatekeepers.text})",
+            "",
+        )
+    return None, "key: none (the gatekeeper sent no public key and none was pinned)", ""
 
 
 async def cmd_audit(args: argparse.Namespace) -> int:
-    """The trail as the gatekeeper sends it, its hash chain checked here on what arrived. Without
-    keys that is a consistency check (an edited or removed record, a broken link), not protection
-    against the gatekeeper itself, which could rewrite the whole chain."""
+    """The trail as the gatekeeper sends it, checked here: its hash chain, every record's
+    signature (with the gatekeeper's key, or one pinned with ``--public-key``), and its end
+    against the newest anchor in the events stream, read from the stream itself. Exit 2 when
+    anything shows tampering."""
+    pinned = pinned_key(args.public_key) if args.public_key else None
     nc = await open_client(client_settings())
     try:
-        records = await fetch_audit(nc)
+        records, sent_key = await fetch_audit(nc)
+        anchor = await fetch_anchor(nc)
     finally:
         await nc.close()
-    problems = verify_chain(records)
-    if args.verify:
-        if problems:
-            for problem in problems:
-                print(f"TAMPERED {problem}")
-            return 2
-        console.print(f"audit trail intact: {len(records)} records, hash chain verified")
+    key, key_line, mismatch = verifying_key(pinned, sent_key)
+    report = verify_trail(records, key, anchor.head if anchor else None)
+    if mismatch:
+        report.problems.insert(0, mismatch)
+    if not args.verify:
+        console.print(audit_table([r for r in records if args.change in (None, r.change_id)]))
+        if report.problems:
+            plain(f"{len(report.problems)} integrity problem(s); run with --verify")
         return 0
-    console.print(audit_table([r for r in records if args.change in (None, r.change_id)]))
-    if problems:
-        console.print(f"[red]{len(problems)} integrity problem(s); run with --verify[/]")
+    plain(key_line)
+    plain(
+        f"anchor: seq {anchor.head.seq}, published {anchor.created_at:%Y-%m-%d %H:%M:%S} UTC"
+        if anchor
+        else "anchor: none in the RATCHET stream"
+    )
+    return print_verdict(report, len(records))
+
+
+def print_verdict(report: TrailReport, count: int) -> int:
+    """Notes, then each problem on a line of its own; 2 if there is any problem, else 0."""
+    for note in report.notes:
+        plain(f"note: {note}")
+    for problem in report.problems:
+        plain(f"TAMPERED {problem}")
+    if report.problems:
+        plain(f"audit trail NOT intact: {len(report.problems)} problem(s) in {count} records")
+        return 2
+    plain(f"audit trail intact: {count} records; hash chain, signatures and anchor verified")
     return 0
 
 
@@ -206,11 +250,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         decide = sub.add_parser(verb, help=f"{verb} a change waiting at the gate")
         decide.add_argument("change")
         decide.add_argument("--reason", required=True)
+        decide.add_argument(
+            "--as",
+            dest="as_",
+            metavar="NAME",
+            help="the approver who decides (RATCHET_APPROVERS; default: the approver whose NATS "
+            "user RATCHET_NATS_USER names, else the only one configured, operator by default)",
+        )
         decide.set_defaults(handler=cmd_decide, is_async=True)
 
     audit = sub.add_parser("audit", help="the audit trail of every change")
     audit.add_argument("--change")
     audit.add_argument(
-        "--verify", action="store_true", help="check the hash chain; exit 2 if broken"
+        "--verify",
+        action="store_true",
+        help="check the hash chain, the signatures and the anchor in the stream; exit 2 if "
+        "anything was tampered with",
+    )
+    audit.add_argument(
+        "--public-key",
+        metavar="KEY_OR_FILE",
+        help="check signatures with this key (ed25519:..., or a file holding it, such as a saved "
+        "copy of the gatekeeper's gatekeeper-audit-key.pub) instead of the one the gatekeeper "
+        "sends",
     )
     audit.set_defaults(handler=cmd_audit, is_async=True)

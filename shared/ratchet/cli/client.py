@@ -13,8 +13,10 @@ from nats.aio.client import Client
 from nats.js.errors import NoStreamResponseError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from ratchet.audit import read_anchor
 from ratchet.contracts import (
     ChangeApproved,
+    ChangeRecorded,
     ChangeRejected,
     FailureLogged,
     RunCompleted,
@@ -22,9 +24,11 @@ from ratchet.contracts import (
     RunScored,
 )
 from ratchet.messaging import QUERY_PREFIX, connect, publish_js
-from ratchet.queries import ChangeQuery
+from ratchet.natsconf import POLICY_APPROVER, approver_name, approver_user
+from ratchet.queries import TRIMMED_HEADER, AuditPage, AuditQuery, ChangeQuery
 from ratchet.settings import Settings, get_settings
 from ratchet.store import AuditRecord
+from ratchet.untrusted import for_terminal
 
 T = TypeVar("T")
 
@@ -56,9 +60,10 @@ def client_settings(role: str = "client") -> Settings:
             ) from exc
         raise ClientError(str(exc)) from exc
     if user not in passwords:
+        unset = f"RATCHET_NATS_USER is {user!r} but RATCHET_NATS_PASSWORD is not set, and "
         raise ClientError(
-            f"RATCHET_NATS_USER is {user!r} but RATCHET_NATS_PASSWORD is not set, and `ratchet "
-            f"up` has no password for {user!r} (its users: {', '.join(sorted(passwords))})"
+            f"{unset if settings.nats_user else ''}`ratchet up` has no password for {user!r} "
+            f"(its users: {', '.join(sorted(passwords))})"
         )
     return settings.model_copy(update={"nats_user": user, "nats_password": passwords[user]})
 
@@ -110,10 +115,22 @@ async def request(
     service: str,
     timeout: float = 10,
 ) -> T:
+    """Ask ``service`` on ``subject``. A reply the service had to cut to fit in one message
+    is used as it is, and what was left out is said on stderr."""
+    data = body.model_dump_json().encode()
+    if len(data) > nc.max_payload:
+        raise ClientError(
+            f"the request to the {service} is {len(data)} bytes, over the {nc.max_payload} bytes "
+            "the NATS server accepts in one message"
+        )
     try:
-        reply = await nc.request(subject, body.model_dump_json().encode(), timeout=timeout)
+        reply = await nc.request(subject, data, timeout=timeout)
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
         raise ClientError(f"the {service} did not answer on {subject}: is it running?") from exc
+    if trimmed := (reply.headers or {}).get(TRIMMED_HEADER):
+        print(
+            f"ratchet: the {service} cut its reply to fit: {for_terminal(trimmed)}", file=sys.stderr
+        )
     try:
         return answer.validate_json(reply.data)
     except ValidationError as exc:
@@ -193,6 +210,42 @@ async def fetch_trail(nc: Client, change_id: str) -> list[AuditRecord]:
     return trail
 
 
+async def fetch_audit(nc: Client) -> tuple[list[AuditRecord], str | None]:
+    """The whole audit trail from its owner, the gatekeeper, a page at a time, and the public key
+    it says it signs with."""
+    records: list[AuditRecord] = []
+    public_key: str | None = None
+    while True:
+        page = await request(
+            nc,
+            f"{QUERY_PREFIX}.audit",
+            AuditQuery(after_seq=records[-1].seq if records else 0),
+            TypeAdapter(AuditPage),
+            service="gatekeeper",
+        )
+        records += page.records
+        public_key = public_key or page.public_key
+        if not (page.more and page.records):
+            return records, public_key
+
+
+async def fetch_anchor(nc: Client) -> ChangeRecorded | None:
+    """The audit trail's newest anchor, read from the events stream itself, not asked of the
+    gatekeeper (whose database it checks)."""
+    try:
+        return await read_anchor(nc.jetstream())
+    except nats.errors.NoRespondersError as exc:
+        raise ClientError(
+            "the RATCHET stream serves no direct gets, so the audit anchor cannot be read: "
+            "update the streams with `ratchet init-streams`"
+        ) from exc
+    except nats.errors.TimeoutError as exc:
+        raise ClientError(
+            "NATS did not answer the read of the audit anchor (the newest change.recorded in "
+            "the RATCHET stream): may this NATS user read it?"
+        ) from exc
+
+
 def evidence_of(trail: list[AuditRecord]) -> str:
     """The evidence hash a decision on this change must name; an error if it is not waiting."""
     waiting = next((r for r in trail if r.kind == "awaiting_approval"), None)
@@ -201,14 +254,37 @@ def evidence_of(trail: list[AuditRecord]) -> str:
     return str(waiting.payload["evidence_sha256"])
 
 
-async def send_decision(change_id: str, *, approve: bool, reason: str, approver: str) -> str:
-    """Decide on the evidence the gatekeeper published for this change (and only on that).
+def decider(chosen: str | None, settings: Settings) -> str:
+    """Who decides: ``--as NAME``, else the approver whose NATS user the environment names, else
+    the one person approver configured (``operator`` by default)."""
+    named = approver_name(settings.nats_user or "")
+    people = [name for name in settings.approvers if name != POLICY_APPROVER]
+    name = chosen or named or (people[0] if len(people) == 1 else None)
+    if name is None:
+        known = ", ".join(sorted({*people, POLICY_APPROVER}))
+        raise ClientError(f"say which approver decides: --as NAME (approvers: {known})")
+    try:
+        approver_user(name)
+    except ValueError as exc:
+        raise ClientError(str(exc)) from exc
+    return name
 
-    Decides as the ``approver`` NATS user, or as the user the environment names (said on stderr
-    when that is another user). Returns the NATS user that decided. A user the server does not
-    allow to decide is a :class:`ClientError` at once, naming the user.
+
+async def send_decision(
+    change_id: str, *, approve: bool, reason: str, approver: str | None = None
+) -> str:
+    """Decide on the evidence the gatekeeper published for this change (and only on that), as
+    the approver ``approver`` (see :func:`decider`).
+
+    The decision goes to that approver's own subject, which only its NATS user may publish: the
+    name the gatekeeper records is the one the server authenticated. Logs in as that approver's
+    user, or as the user the environment names (said on stderr when that is another user).
+    Returns the approver's name. A user the server does not let decide as that approver is a
+    :class:`ClientError` at once, naming both.
     """
-    settings = client_settings(role="approver")
+    name = decider(approver, get_settings())
+    own_user = approver_user(name)
+    settings = client_settings(role=own_user)
     user = settings.nats_user
     decision_type = ChangeApproved if approve else ChangeRejected
     refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -219,17 +295,15 @@ async def send_decision(change_id: str, *, approve: bool, reason: str, approver:
 
     def may_not_decide(why: str) -> ClientError:
         return ClientError(
-            f"NATS user {user!r} may not decide on changes ({why}): run `ratchet "
-            f"{'approve' if approve else 'reject'}` with RATCHET_NATS_USER=approver and "
-            "RATCHET_NATS_PASSWORD set to the approver's password"
+            f"NATS user {user!r} may not decide as {name!r} ({why}): run `ratchet "
+            f"{'approve' if approve else 'reject'}` with RATCHET_NATS_USER={own_user} and "
+            "RATCHET_NATS_PASSWORD set to that approver's password"
         )
 
     async def decide() -> None:
         evidence = evidence_of(await fetch_trail(nc, change_id))
-        decision = decision_type(
-            change_id=change_id, approver=approver, reason=reason, evidence_sha256=evidence
-        )
-        await publish_js(nc.jetstream(), decision, timeout=5)
+        decision = decision_type(change_id=change_id, reason=reason, evidence_sha256=evidence)
+        await publish_js(nc.jetstream(), decision, subject=decision.subject_of(name), timeout=5)
 
     nc = await open_client(settings, on_error=on_error)
     deciding = asyncio.ensure_future(decide())
@@ -244,6 +318,6 @@ async def send_decision(change_id: str, *, approve: bool, reason: str, approver:
     finally:
         deciding.cancel()
         await nc.close()
-    if user != "approver":
+    if user != own_user:
         print(f"ratchet: decided as NATS user {user!r} (RATCHET_NATS_USER)", file=sys.stderr)
-    return str(user)
+    return name

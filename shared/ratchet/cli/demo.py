@@ -10,7 +10,6 @@ step it waits for; it opens no database.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import time
 from collections import defaultdict
@@ -26,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ratchet.cli.client import ClientError, fetch_trail, request, send_decision, submit_and_wait
-from ratchet.cli.render import print_evidence
+from ratchet.cli.render import labelled, print_evidence, shown
 from ratchet.contracts import (
     ChangeProposed,
     ChangeRecorded,
@@ -38,9 +37,11 @@ from ratchet.contracts import (
 )
 from ratchet.evidence import VERDICTS, describe_after
 from ratchet.messaging import QUERY_PREFIX
+from ratchet.natsconf import POLICY_APPROVER
 from ratchet.queries import ProposeReply, ProposeRequest
 from ratchet.store import AuditRecord, FailureQuery
 from ratchet.suites import Case, Suite
+from ratchet.untrusted import for_terminal
 from ratchet_approver.policy import policy_decision
 
 OUTCOMES = {"kept", "rolled_back", "rejected", "invalid", "stale"}
@@ -87,13 +88,15 @@ async def run_learn_cases(
     limit = asyncio.Semaphore(CONCURRENCY)
     results: list[tuple[Case, RunCompleted, float | None]] = []
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        bar = progress.add_task(f"running {suite.name} learn cases", total=len(suite.learn))
+        bar = progress.add_task(
+            for_terminal(f"running {suite.name} learn cases"), total=len(suite.learn)
+        )
 
         async def one(case: Case) -> None:
             async with limit:
@@ -165,7 +168,9 @@ async def run_demo(
     ]
     await nc.flush()  # both subscriptions are in place before anything is asked for
     try:
-        console.rule(f"1. run the {len(suite.learn)} learn cases of {suite.name!r} on {model}")
+        console.rule(
+            shown(f"1. run the {len(suite.learn)} learn cases of {suite.name!r} on {model}")
+        )
         results = await run_learn_cases(nc, suite, console, threshold)
         passed = sum(s is not None and s >= threshold for _, _, s in results)
         console.print(f"passed {passed}/{len(results)}; the rest are stored as failures")
@@ -181,7 +186,7 @@ async def run_demo(
         )
         table = Table("failures", "problem")
         for group in groups:
-            table.add_row(str(group.size), group.label)
+            table.add_row(str(group.size), shown(group.label))
         console.print(table)
 
         def report(outcome: str, **extra: Any) -> DemoReport:
@@ -213,17 +218,17 @@ async def run_demo(
             timeout=600,
         )
         if reply.change is None:
-            console.print(f"[red]no proposal:[/] {reply.error}")
+            console.print(labelled("no proposal:", reply.error or "", "red"))
             return report("no_proposal")
         change: ChangeProposed = reply.change
-        console.print("proposed prompt: " + change.proposed_prompt, markup=False, highlight=False)
+        console.print(labelled("proposed prompt:", change.proposed_prompt, ""))
 
         console.rule(f"4. the gatekeeper measures it on up to {len(suite.gate)} gate-pool cases")
         with console.status("measuring current and candidate prompts…"):
             trail = await follower.wait_for_trail(
                 nc, change.change_id, {"awaiting_approval", "invalid"}, gate_timeout
             )
-        print_evidence(trail)
+        print_evidence(trail, console)
         if any(r.kind == "invalid" for r in trail):
             return report(
                 "invalid",
@@ -238,15 +243,19 @@ async def run_demo(
         console.rule("5. the approval gate")
         if auto_approve_rule:
             approve, reason = policy_decision(measurement, auto_approve_rule)
-            approver = f"policy:{auto_approve_rule}"
+            deciding_as: str | None = POLICY_APPROVER
             console.print(
-                f"policy approver ({auto_approve_rule}): "
-                f"{'approve' if approve else 'reject'} — {reason}"
+                shown(
+                    f"policy approver ({auto_approve_rule}): "
+                    f"{'approve' if approve else 'reject'} — {reason}"
+                )
             )
         else:
             approve, reason = ask_person(console)
-            approver = f"cli:{getpass.getuser()}"
-        await send_decision(change.change_id, approve=approve, reason=reason, approver=approver)
+            deciding_as = None  # the person approver configured (operator by default)
+        approver = await send_decision(
+            change.change_id, approve=approve, reason=reason, approver=deciding_as
+        )
 
         console.rule("6. apply, verify on fresh cases, keep or roll back, then the holdout")
         # a kept change goes on to the sealed holdout, when the suite has one
@@ -254,7 +263,7 @@ async def run_demo(
         with console.status("waiting for the gatekeeper…"):
             trail = await follower.wait_for_trail(nc, change.change_id, last_steps, gate_timeout)
         for line in describe_after({r.kind: r.payload for r in trail}):
-            console.print(line, markup=False, highlight=False)
+            console.print(shown(line))
         by_kind = {r.kind: r.payload for r in trail}
         outcome = next(r.kind for r in reversed(trail) if r.kind in OUTCOMES)
         return report(
@@ -277,7 +286,7 @@ async def run_demo(
 def print_summary(report: DemoReport, console: Console) -> None:
     console.rule("summary")
     table = Table(show_header=False)
-    table.add_row("task / model", f"{report.task} / {report.model}")
+    table.add_row("task / model", shown(f"{report.task} / {report.model}"))
     table.add_row("learn cases passed", f"{report.learn_success_rate:.0%} of {report.learn_cases}")
     table.add_row("failures / patterns", f"{report.failures} / {len(report.groups)}")
     if report.measurement:
@@ -290,8 +299,10 @@ def print_summary(report: DemoReport, console: Console) -> None:
     if report.decision:
         table.add_row(
             "decision",
-            f"{'approved' if report.decision['approved'] else 'rejected'} by "
-            f"{report.decision['approver']}",
+            shown(
+                f"{'approved' if report.decision['approved'] else 'rejected'} by "
+                f"{report.decision['approver']}"
+            ),
         )
     if report.verified is not None:
         v = report.verified

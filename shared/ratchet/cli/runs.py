@@ -8,9 +8,10 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import TypeAdapter
+from rich.text import Text
 
 from ratchet.cli.client import ClientError, client_settings, open_client, query, submit_and_wait
-from ratchet.cli.render import console, groups_table, trace_table
+from ratchet.cli.render import console, groups_table, labelled, shown, trace_table
 from ratchet.contracts import Check, FailureGroup, RunRequested
 from ratchet.messaging import QUERY_PREFIX
 from ratchet.store import FailureQuery, FailureRecord
@@ -52,19 +53,28 @@ async def cmd_run(args: argparse.Namespace) -> int:
         )
         return 0
     console.print(
-        f"[bold]run[/] {run.run_id}  task={run.task}  prompt v{run.prompt_version}  "
-        f"model={run.model}"
+        Text.assemble(
+            ("run", "bold"),
+            " ",
+            shown(
+                f"{run.run_id}  task={run.task}  prompt v{run.prompt_version}  model={run.model}"
+            ),
+        )
     )
     if run.error:
-        console.print(f"[red]crashed:[/] {run.error}")
-    console.print(f"[bold]output:[/] {run.output or '(empty)'}")
+        console.print(labelled("crashed:", run.error, "red"))
+    console.print(labelled("output:", run.output or "(empty)"))
     if score.score is None:
-        console.print(f"[yellow]unscored:[/] {score.unscored_reason}")
+        console.print(labelled("unscored:", score.unscored_reason or "", "yellow"))
     else:
         colour = "green" if score.score >= settings.failure_threshold else "red"
-        console.print(f"[bold]score:[/] [{colour}]{score.score:.2f}[/] by {score.scorer}")
+        console.print(
+            Text.assemble(
+                ("score:", "bold"), " ", (f"{score.score:.2f}", colour), " by ", shown(score.scorer)
+            )
+        )
     for problem in score.problems:
-        console.print(f"  - {problem}")
+        console.print(shown(f"  - {problem}"))
     if logged:
         console.print("[red]stored as a failure[/] (see `ratchet failures`)")
     console.print(
@@ -101,17 +111,21 @@ async def cmd_failures(args: argparse.Namespace) -> int:
         print(json.dumps([f.model_dump(mode="json") for f in failures], indent=2))
         return 0
     if not failures:
-        console.print("no failures stored" + (f" for task {args.task!r}" if args.task else ""))
+        console.print(
+            shown("no failures stored" + (f" for task {args.task!r}" if args.task else ""))
+        )
         return 0
     for f in failures:
         console.rule(
-            f"[bold]{f.task}[/] run {f.run_id} · score {f.score:.2f} · "
-            f"{f.logged_at:%Y-%m-%d %H:%M:%S}"
+            Text.assemble(
+                shown(f.task, "bold"),
+                shown(f" run {f.run_id} · score {f.score:.2f} · {f.logged_at:%Y-%m-%d %H:%M:%S}"),
+            )
         )
-        console.print(f"[bold]input:[/] {f.input}")
-        console.print(f"[bold]output:[/] {f.output or '(empty)'}")
+        console.print(labelled("input:", f.input))
+        console.print(labelled("output:", f.output or "(empty)"))
         for problem in f.problems:
-            console.print(f"  [red]-[/] {problem}")
+            console.print(Text.assemble("  ", ("-", "red"), " ", shown(problem)))
         console.print(trace_table(f))
     return 0
 
@@ -127,7 +141,7 @@ async def cmd_groups(args: argparse.Namespace) -> int:
         print(json.dumps([g.model_dump(mode="json") for g in groups], indent=2))
         return 0
     total = sum(g.size for g in groups)
-    console.print(f"{total} failures of {args.task!r} in {len(groups)} recurring patterns")
+    console.print(shown(f"{total} failures of {args.task!r} in {len(groups)} recurring patterns"))
     console.print(groups_table(groups))
     return 0
 

@@ -43,9 +43,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_approver(args: argparse.Namespace) -> int:
+    from ratchet.natsconf import POLICY_APPROVER, approver_user
     from ratchet_approver.app import build_app
 
-    settings = client_settings(role="approver")
+    settings = client_settings(role=approver_user(POLICY_APPROVER))
     if args.rule is not None:
         settings = settings.model_copy(update={"approver_rule": args.rule})
     try:
@@ -59,23 +60,29 @@ def cmd_approver(args: argparse.Namespace) -> int:
 
 
 def cmd_natsconf(args: argparse.Namespace) -> int:
-    """Write a nats-server config with fresh per-service passwords, and an env file for them."""
-    from ratchet.natsconf import generate_passwords, render_config
+    """Write a nats-server config with fresh per-user passwords (only their bcrypt hashes are in
+    it), and an env file with the passwords; both readable by their owner only."""
+    from ratchet.natsconf import generate_passwords, render_config, users, write_secret
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    passwords = generate_passwords()
-    (out / "nats-server.conf").write_text(
-        render_config(passwords, port=4222, store_dir=Path("/data/jetstream"), host="0.0.0.0")
+    roles = users(get_settings().approvers)
+    passwords = generate_passwords(roles)
+    config = out / "nats-server.conf"
+    write_secret(
+        config,
+        render_config(
+            roles, passwords, port=4222, store_dir=Path("/data/jetstream"), host="0.0.0.0"
+        ),
     )
     env = out / "passwords.env"
-    env.touch(mode=0o600)
-    env.write_text(
+    write_secret(
+        env,
         "".join(
             f"RATCHET_PW_{name.upper().replace('-', '_')}={pw}\n" for name, pw in passwords.items()
-        )
+        ),
     )
-    console.print(f"wrote {out / 'nats-server.conf'} and {env} (keep it secret)")
+    console.print(f"wrote {config} and {env} (keep it secret)")
     return 0
 
 

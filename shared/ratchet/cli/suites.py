@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ratchet.cli.client import ClientError
-from ratchet.cli.render import console
+from ratchet.cli.render import plain
 from ratchet.settings import get_settings
 
 
@@ -27,7 +27,7 @@ def cmd_suite_import(args: argparse.Namespace) -> int:
         raise ClientError(str(exc)) from exc
     target = settings.suites_dir / f"{suite.name}.json"
     save_suite(suite, target)
-    console.print(
+    plain(
         f"imported task {suite.name!r}: {len(suite.learn)} learn + {len(suite.gate)} gate + "
         f"{len(suite.holdout)} holdout cases (seed {args.seed}) -> {target}"
     )

@@ -99,7 +99,9 @@ def start_stack(
     try:
         began = time.monotonic()
         port = urlparse(settings.nats_url).port or 4222
-        stack.nats = start_nats(home, port, log_path=logs / "nats-server.log")
+        stack.nats = start_nats(
+            home, port, log_path=logs / "nats-server.log", approvers=settings.approvers
+        )
         on_ready("nats-server", time.monotonic() - began)
         if uses_local_model(settings):
             began = time.monotonic()

@@ -16,7 +16,7 @@ from typing import Any, Self
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import to_jsonable_python
 
-from ratchet.audit import GENESIS_HASH, canonical_json, record_hash
+from ratchet.audit import GENESIS_HASH, AuditSigner, canonical_json, record_hash
 from ratchet.contracts import RunCompleted, RunScored, TraceStep, utcnow
 
 
@@ -65,7 +65,9 @@ class FailureQuery(BaseModel):
 
 
 class AuditRecord(BaseModel):
-    """One entry of the append-only audit trail; ``hash`` chains it to the entry before."""
+    """One entry of the append-only audit trail; ``hash`` chains it to the entry before, and
+    ``signature`` is the writer's signature of that hash (None on records from before signing;
+    see :mod:`ratchet.audit`)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -77,6 +79,8 @@ class AuditRecord(BaseModel):
     at: AwareDatetime
     prev_hash: str
     hash: str
+    key_id: str | None = None
+    signature: str | None = None
 
 
 def jsonable_payload(payload: dict[str, Any]) -> dict[str, Any]:
@@ -89,15 +93,22 @@ def jsonable_payload(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def next_audit_record(
-    head: tuple[int, str] | None, change_id: str, kind: str, actor: str, payload: dict[str, Any]
+    head: tuple[int, str] | None,
+    change_id: str,
+    kind: str,
+    actor: str,
+    payload: dict[str, Any],
+    signer: AuditSigner,
 ) -> AuditRecord:
-    """The record that follows ``head`` (its seq and hash; None for the first) in the hash chain.
+    """The record that follows ``head`` (its seq and hash; None for the first) in the hash chain,
+    signed by ``signer``.
 
     Built here and nowhere else, so every backend stores exactly what
-    :func:`ratchet.audit.verify_chain` checks; a backend only finds the head and stores the row."""
+    :func:`ratchet.audit.verify_trail` checks; a backend only finds the head and stores the row."""
     seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
     payload = jsonable_payload(payload)
     at = utcnow()
+    hash_ = record_hash(prev_hash, seq, change_id, kind, actor, payload, at)
     return AuditRecord(
         seq=seq,
         change_id=change_id,
@@ -106,7 +117,9 @@ def next_audit_record(
         payload=payload,
         at=at,
         prev_hash=prev_hash,
-        hash=record_hash(prev_hash, seq, change_id, kind, actor, payload, at),
+        hash=hash_,
+        key_id=signer.key.id,
+        signature=signer.sign(hash_),
     )
 
 
@@ -142,13 +155,28 @@ class Store(ABC):
 
     @abstractmethod
     async def append_audit(
-        self, change_id: str, kind: str, actor: str, payload: dict[str, Any]
+        self,
+        change_id: str,
+        kind: str,
+        actor: str,
+        payload: dict[str, Any],
+        *,
+        signer: AuditSigner,
     ) -> AuditRecord:
-        """Append to the one global hash chain; safe when several processes append at once."""
+        """Append to the one global hash chain, signed by the trail's writer; safe when several
+        processes append at once."""
 
     @abstractmethod
     async def audit(self, change_id: str | None = None) -> list[AuditRecord]:
         """The trail (or one change's part of it), ordered by seq."""
+
+    @abstractmethod
+    async def audit_head(self) -> AuditRecord | None:
+        """The trail's newest record (the chain's head), or None while the trail is empty."""
+
+    @abstractmethod
+    async def audit_at(self, seq: int) -> AuditRecord | None:
+        """The record at ``seq``, or None if there is none."""
 
     @abstractmethod
     async def close(self) -> None:

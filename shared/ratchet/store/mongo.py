@@ -4,7 +4,8 @@ Idempotency rests on unique keys: a run and a failure are keyed by run id, an au
 seq. Two appenders that read the same chain head race for the same seq; the loser gets a
 duplicate-key error and retries on the new head, so the chain never forks. Events, failure records
 and audit payloads are stored as JSON text, which keeps them (and so the audit hashes) byte-exact:
-BSON would cut datetimes to milliseconds and drop their timezone.
+BSON would cut datetimes to milliseconds and drop their timezone. Audit documents from before
+records were signed have no ``key_id`` / ``signature`` fields and read back unsigned.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from ratchet.audit import utc_text
+from ratchet.audit import AuditSigner, utc_text
 from ratchet.contracts import RunCompleted, RunScored
 from ratchet.store.base import (
     AuditRecord,
@@ -57,6 +58,8 @@ def _audit(doc: Document) -> AuditRecord:
         at=datetime.fromisoformat(doc["at"]),
         prev_hash=doc["prev_hash"],
         hash=doc["hash"],
+        key_id=doc.get("key_id"),
+        signature=doc.get("signature"),
     )
 
 
@@ -158,13 +161,24 @@ class MongoStore(Store):
         return await self._failures.count_documents(_failure_filter(task, since))
 
     async def append_audit(
-        self, change_id: str, kind: str, actor: str, payload: dict[str, Any]
+        self,
+        change_id: str,
+        kind: str,
+        actor: str,
+        payload: dict[str, Any],
+        *,
+        signer: AuditSigner,
     ) -> AuditRecord:
         await self._ready()
         for _ in range(APPEND_ATTEMPTS):
             head = await self._audit.find_one({}, sort=[("_id", DESCENDING)])
             record = next_audit_record(
-                (head["_id"], head["hash"]) if head else None, change_id, kind, actor, payload
+                (head["_id"], head["hash"]) if head else None,
+                change_id,
+                kind,
+                actor,
+                payload,
+                signer,
             )
             try:
                 await self._audit.insert_one(
@@ -177,6 +191,8 @@ class MongoStore(Store):
                         "at": utc_text(record.at),
                         "prev_hash": record.prev_hash,
                         "hash": record.hash,
+                        "key_id": record.key_id,
+                        "signature": record.signature,
                     }
                 )
             except DuplicateKeyError:
@@ -191,6 +207,16 @@ class MongoStore(Store):
         filter_: Document = {} if change_id is None else {"change_id": change_id}
         cursor = self._audit.find(filter_).sort("_id", ASCENDING)
         return [_audit(doc) async for doc in cursor]
+
+    async def audit_head(self) -> AuditRecord | None:
+        await self._ready()
+        doc = await self._audit.find_one({}, sort=[("_id", DESCENDING)])
+        return _audit(doc) if doc else None
+
+    async def audit_at(self, seq: int) -> AuditRecord | None:
+        await self._ready()
+        doc = await self._audit.find_one({"_id": seq})
+        return _audit(doc) if doc else None
 
     async def close(self) -> None:
         await self._client.close()

@@ -3,7 +3,8 @@
 WAL mode lets readers run while one process writes; ``busy_timeout`` makes a writer wait for the
 lock instead of failing. Audit appends take the write lock first (``BEGIN IMMEDIATE``), so two
 processes never read the same chain head. Events are stored as their JSON, which keeps
-timezones and every field exactly as they were published.
+timezones and every field exactly as they were published. A trail from before records were
+signed gains the signature columns when first opened; its old rows stay unsigned.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import aiosqlite
 
-from ratchet.audit import utc_text
+from ratchet.audit import AuditSigner, utc_text
 from ratchet.contracts import RunCompleted, RunScored
 from ratchet.store.base import (
     AuditRecord,
@@ -65,13 +66,17 @@ CREATE TABLE IF NOT EXISTS audit (
     payload   TEXT NOT NULL,
     at        TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
-    hash      TEXT NOT NULL
+    hash      TEXT NOT NULL,
+    key_id    TEXT,
+    signature TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_by_change ON audit (change_id, seq);
 """
+# Columns added since the first release, each with its type: added to an older file on open.
+AUDIT_ADDED_COLUMNS = {"key_id": "TEXT", "signature": "TEXT"}
 
 RUN_COLUMNS = "run_id, task, completed, scored"
-AUDIT_COLUMNS = "seq, change_id, kind, actor, payload, at, prev_hash, hash"
+AUDIT_COLUMNS = "seq, change_id, kind, actor, payload, at, prev_hash, hash, key_id, signature"
 
 
 def _any_problem_contains(problems_json: str, needle: str) -> bool:
@@ -91,7 +96,7 @@ def _run(row: aiosqlite.Row) -> StoredRun:
 
 
 def _audit(row: aiosqlite.Row) -> AuditRecord:
-    seq, change_id, kind, actor, payload, at, prev_hash, hash_ = row
+    seq, change_id, kind, actor, payload, at, prev_hash, hash_, key_id, signature = row
     return AuditRecord(
         seq=seq,
         change_id=change_id,
@@ -101,7 +106,24 @@ def _audit(row: aiosqlite.Row) -> AuditRecord:
         at=datetime.fromisoformat(at),
         prev_hash=prev_hash,
         hash=hash_,
+        key_id=key_id,
+        signature=signature,
     )
+
+
+async def _add_audit_columns(db: aiosqlite.Connection) -> None:
+    """Give an audit table from before signing its new columns (under the write lock, so two
+    processes opening the same old file do not both add them)."""
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        present = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(audit)")}
+        for column, type_ in AUDIT_ADDED_COLUMNS.items():
+            if column not in present:
+                await db.execute(f"ALTER TABLE audit ADD COLUMN {column} {type_}")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+    await db.execute("COMMIT")
 
 
 class SqliteStore(Store):
@@ -126,6 +148,7 @@ class SqliteStore(Store):
                     "any_problem_contains", 2, _any_problem_contains, deterministic=True
                 )
                 await db.executescript(SCHEMA)
+                await _add_audit_columns(db)
                 self._db = db
             return self._db
 
@@ -204,7 +227,13 @@ class SqliteStore(Store):
         return int(next(iter(rows))[0])
 
     async def append_audit(
-        self, change_id: str, kind: str, actor: str, payload: dict[str, Any]
+        self,
+        change_id: str,
+        kind: str,
+        actor: str,
+        payload: dict[str, Any],
+        *,
+        signer: AuditSigner,
     ) -> AuditRecord:
         db = await self._conn()
         async with self._write_lock:
@@ -215,10 +244,10 @@ class SqliteStore(Store):
                 )
                 head = next(iter(heads), None)
                 record = next_audit_record(
-                    (head[0], head[1]) if head else None, change_id, kind, actor, payload
+                    (head[0], head[1]) if head else None, change_id, kind, actor, payload, signer
                 )
                 await db.execute(
-                    f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.seq,
                         record.change_id,
@@ -228,6 +257,8 @@ class SqliteStore(Store):
                         utc_text(record.at),
                         record.prev_hash,
                         record.hash,
+                        record.key_id,
+                        record.signature,
                     ),
                 )
             except BaseException:
@@ -245,6 +276,18 @@ class SqliteStore(Store):
                 f"SELECT {AUDIT_COLUMNS} FROM audit WHERE change_id = ? ORDER BY seq", (change_id,)
             )
         return [_audit(row) for row in rows]
+
+    async def audit_head(self) -> AuditRecord | None:
+        return await self._audit_row(f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq DESC LIMIT 1")
+
+    async def audit_at(self, seq: int) -> AuditRecord | None:
+        return await self._audit_row(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE seq = ?", (seq,))
+
+    async def _audit_row(self, sql: str, params: tuple[int, ...] = ()) -> AuditRecord | None:
+        db = await self._conn()
+        rows = await db.execute_fetchall(sql, params)
+        row = next(iter(rows), None)
+        return _audit(row) if row else None
 
     async def close(self) -> None:
         async with self._connect_lock:
