@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ratchet.cli.up import start_stack
+from ratchet.cli.up import StartFailed, start_stack
 from ratchet.natsproc import free_port
 from ratchet.services import CORE_SERVICES, SERVICES, get_service
 from ratchet.settings import ModelSettings, Settings
@@ -118,7 +118,7 @@ def test_an_approver_with_an_unknown_rule_stops_the_start(tmp_path: Path) -> Non
         proposer=ModelSettings(spec="scripted:proposer-fix"),
         approver_rule="yolo",
     )
-    with pytest.raises(RuntimeError, match="approver exited during start-up"):
+    with pytest.raises(StartFailed, match="approver exited with code 1 during start-up") as e:
         start_stack(settings, services=(get_service("approver"),))
     log = (tmp_path / "home" / "logs" / "approver.log").read_text()
-    assert "unknown approval rule 'yolo'" in log
+    assert "unknown approval rule 'yolo'" in log and "'yolo'" in e.value.failed.log_tail

@@ -7,39 +7,78 @@ import argparse
 import asyncio
 import contextlib
 import sys
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.text import Text
 
 from ratchet.cli.client import ClientError, client_settings, open_client
-from ratchet.cli.render import console
+from ratchet.cli.render import block, console, plain
 from ratchet.settings import get_settings
 from ratchet_approver.policy import DEFAULT_RULE
 
+if TYPE_CHECKING:
+    from ratchet.cli.up import Stack
+    from ratchet.settings import Settings
+
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from ratchet.cli.up import start_stack
+    """Start the stack and supervise it until a stop signal (exit 0 once everything stopped in
+    order, as a daemon does: systemd and Docker count it a clean stop) or a part that cannot be
+    kept running (exit 1, with the end of its log, after stopping the rest)."""
+    from ratchet.cli.up import (
+        RestartPolicy,
+        StartFailed,
+        StopRequested,
+        start_stack,
+        stop_on_signals,
+    )
 
     settings = get_settings()
+    policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
     console.print(f"[bold]Ratchet[/] starting in {settings.home.resolve()}")
 
     def ready(name: str, seconds: float) -> None:
         console.print(f"  [green]ready[/] {name:<16} {seconds:5.1f}s")
 
-    stack = start_stack(settings, evaluators=args.evaluators, on_ready=ready)
-    console.print(
-        f"All up. NATS at {settings.nats_url}. Logs in {settings.home}/logs. Ctrl-C stops."
-    )
-    try:
-        while not (dead := stack.dead()):
-            time.sleep(0.5)
-        console.print(f"[red]{', '.join(dead)} exited[/]; stopping everything")
-        return 1
-    except KeyboardInterrupt:
-        console.print("stopping…")
-        return 0
-    finally:
-        stack.stop()
-        console.print("stopped")
+    with stop_on_signals() as signals:
+        stack: Stack | None = None
+        try:  # a failure or a stop signal during start-up: start_stack stops what had started
+            try:
+                stack = start_stack(settings, evaluators=args.evaluators, on_ready=ready)
+            except StartFailed as exc:
+                failed = exc.failed
+            else:
+                signals.check()
+                console.print(
+                    f"All up. NATS at {settings.nats_url}. Logs in {settings.home}/logs. "
+                    "Ctrl-C stops."
+                )
+                failed = stack.supervise(report=_say, policy=policy, check_stop=signals.check)
+            console.print(Text.assemble((failed.reason, "red"), "; the end of its log:"))
+            console.print(block(failed.log_tail))
+            _say("stopping everything", settings)
+            return 1
+        except StopRequested as stop:
+            _say(f"{stop.signal.name} received: stopping everything", settings)
+            return 0
+        finally:
+            signals.ignore()
+            if stack is not None:
+                stack.stop()
+            _say("stopped", settings)
+
+
+def _say(line: str, settings: Settings | None = None) -> None:
+    """A line of the supervisor's, also in ``logs/supervisor.log`` with ``settings`` (the
+    stack's own events are there already). A terminal that hung up (SIGHUP) cannot show it,
+    which must not keep the supervisor from restarting or stopping its children."""
+    from ratchet.cli.up import note
+
+    with contextlib.suppress(OSError):
+        if settings is not None:
+            note(settings, line)
+        plain(line)
 
 
 def cmd_approver(args: argparse.Namespace) -> int:
@@ -175,6 +214,16 @@ def _stack_running() -> bool:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = sub.add_parser("up", help="start nats-server, the local model and every service")
     up.add_argument("--evaluators", type=int, default=1, help="evaluator replicas (default 1)")
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        metavar="N",
+        help="restarts of one part within --restart-window before giving up (default 5)",
+    )
+    up.add_argument(
+        "--restart-window", type=float, default=60.0, help="seconds (default 60)", metavar="S"
+    )
     up.set_defaults(handler=cmd_up, is_async=False)
 
     init = sub.add_parser("init-streams", help="create the streams (as the NATS admin user)")

@@ -1,21 +1,40 @@
-"""``ratchet up``: nats-server, the local model server and every service, as child processes.
+"""``ratchet up``: nats-server, the local model server and every service, as child processes, and
+the supervisor that keeps them running and stops them together.
 
 The services are the ones declared in :mod:`ratchet.services` (the optional ones, such as the
 policy approver, only when asked for), each run as ``faststream run --factory MODULE:build_app``.
+
+No child outlives the supervisor. An orderly stop (:meth:`Stack.stop`) stops the services in
+reverse order, then the local model server, then nats-server, each with SIGTERM and a bounded wait
+before SIGKILL. Every child runs in a process group of its own, so a Ctrl-C at the terminal reaches
+only the supervisor, which then stops them in that order. If the supervisor dies without stopping
+them (SIGKILL, a crash), Linux kills every child it started from its main thread: each one asks
+for SIGKILL on its parent's death (``prctl(PR_SET_PDEATHSIG)``). Other systems have no such call:
+there the orderly stop works, but after a SIGKILL of the supervisor its children keep running
+until killed (a service manager that kills the whole group or cgroup, as systemd and Docker do,
+still cleans up).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from urllib.parse import urlparse
 
 from ratchet.messaging import EVENTS_STREAM, connect
@@ -25,6 +44,142 @@ from ratchet.natsproc import LocalNats, start_nats, wait_for_port
 from ratchet.services import CORE_SERVICES, Service, get_service
 from ratchet.settings import Settings, to_env
 
+NATS = "nats-server"  # the labels of the stack's parts that are not services
+LOCAL_MODEL = "local-model"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_GRACE_S = 10.0  # how long a child may take to stop on SIGTERM before it is killed
+LOG_TAIL_LINES = 20  # of a part that cannot be kept running, shown when the supervisor gives up
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # the colour codes of FastStream's log lines
+
+
+def child_setup() -> Callable[[], None] | None:
+    """What each child of the stack runs between fork and exec (Popen's ``preexec_fn``).
+
+    A process group of its own: signals meant for the supervisor (a Ctrl-C at the terminal, a
+    hang-up) reach only the supervisor, which stops the children in order. On Linux, SIGKILL when
+    the supervisor dies, however it dies. The kernel sends it when the *thread* that started the
+    child ends, so this is done only for a child started from the main thread, which lives as
+    long as the process. One started from another thread (a test's ``asyncio.to_thread``) gets
+    nothing: it stays in its parent's process group, where a Ctrl-C still reaches it, and
+    :meth:`Stack.stop` stops it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    parent = os.getpid()
+
+    def setup() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held by the parent: spawning()
+        os.setpgid(0, 0)
+        if _libc is not None:
+            _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            if os.getppid() != parent:  # the supervisor died before the request took effect
+                os._exit(1)
+
+    return setup
+
+
+@contextmanager
+def spawning() -> Iterator[None]:
+    """Around starting a child from the main thread and recording it: stop signals wait until
+    then. Right after fork Python runs its at-fork hooks, where an exception a signal handler
+    raises is swallowed; and a child started but not yet recorded would not be stopped. Held,
+    the signal arrives a moment later, where its exception stops everything recorded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How the supervisor restarts a part that exited: after ``first_delay_s``, doubling with
+    each exit in the last ``window_s`` up to ``max_delay_s``; past ``max_restarts`` exits in the
+    window it gives up, since restarting a part that cannot stay up only hides why."""
+
+    max_restarts: int = 5
+    window_s: float = 60.0
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+
+    def delay(self, exits: int) -> float:
+        return float(min(self.first_delay_s * 2 ** (exits - 1), self.max_delay_s))
+
+
+@dataclass(frozen=True)
+class PartFailed:
+    """Why supervision ended: a part that cannot be kept running, and the end of its log."""
+
+    label: str
+    reason: str
+    log_tail: str
+
+
+class StartFailed(RuntimeError):
+    """A part exited while the stack was starting (everything started is stopped again)."""
+
+    def __init__(self, failed: PartFailed) -> None:
+        super().__init__(failed.reason)
+        self.failed = failed
+
+
+class StopRequested(BaseException):
+    """SIGINT, SIGTERM or SIGHUP reached ``ratchet up``: everything is stopped, in order.
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` on the way
+    swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signal = signal.Signals(signum)
+        super().__init__(self.signal.name)
+
+
+class StopSignals:
+    """What :func:`stop_on_signals` does with SIGINT, SIGTERM and SIGHUP.
+
+    The first one raises :class:`StopRequested` in the main thread, wherever it is (start-up, the
+    supervision loop), so that even a blocking wait ends at once. Later ones, and any after
+    :meth:`ignore` (the stack is being stopped for another reason), are only recorded: they must
+    not cut short the orderly stop, which is bounded anyway. An exception raised where Python
+    swallows it (say in an at-fork hook while a child is being started) is not lost either: the
+    signal is recorded, and :meth:`check`, called between steps, raises it again.
+    """
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._armed = True
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.received = self.received or signal.Signals(signum)
+        if self._armed:
+            self._armed = False
+            raise StopRequested(signum)
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise StopRequested(self.received)
+
+    def ignore(self) -> None:
+        self._armed = False
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopSignals]:
+    """Within the block, SIGINT, SIGTERM and SIGHUP stop the stack (see :class:`StopSignals`)."""
+    signals = StopSignals()
+    previous = {sig: signal.signal(sig, signals.handle) for sig in STOP_SIGNALS}
+    try:
+        yield signals
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
 
 @dataclass
 class Stack:
@@ -33,17 +188,18 @@ class Stack:
     settings: Settings
     nats: LocalNats | None = None
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    services: dict[str, Service] = field(default_factory=dict)  # label -> what it runs
 
-    def stop(self) -> None:
-        for _name, process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for _name, process in reversed(self.processes):
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
+    @property
+    def logs(self) -> Path:
+        return self.settings.home.resolve() / "logs"
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """The services in reverse order of start, then the local model server, then
+        nats-server; each group gets SIGTERM and ``grace`` seconds, then SIGKILL."""
+        services = [p for label, p in reversed(self.processes) if label != LOCAL_MODEL]
+        _terminate(services, grace)
+        _terminate([p for label, p in self.processes if label == LOCAL_MODEL], grace)
         if self.nats is not None:
             self.nats.stop()
 
@@ -56,25 +212,185 @@ class Stack:
             **to_env(self.settings.model_copy(update={"home": home})),
             **self.nats.env_for(service.role),
         }
-        return subprocess.Popen(
-            [sys.executable, "-m", *service.command],
-            env=env,
-            stdout=open(home / "logs" / f"{label}.log", "ab"),
-            stderr=subprocess.STDOUT,
-        )
+        with open(home / "logs" / f"{label}.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", *service.command],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=child_setup(),
+            )
+
+    def add(self, label: str, service: Service) -> None:
+        """Start a service as one of the stack's parts (restarted by :meth:`supervise`)."""
+        self.services[label] = service
+        with spawning():
+            self.processes.append((label, self.launch(label, service)))
+
+    def start_nats(self) -> LocalNats:
+        """nats-server on the configured port, with the data and credentials in home (reused).
+        Stop signals wait until it listens (at most 10 s, usually 0.1 s): see :func:`spawning`."""
+        with spawning():
+            self.nats = start_nats(
+                self.settings.home.resolve(),
+                urlparse(self.settings.nats_url).port or 4222,
+                log_path=self.logs / f"{NATS}.log",
+                approvers=self.settings.approvers,
+                preexec_fn=child_setup(),
+            )
+        return self.nats
+
+    def respawn(self, label: str) -> subprocess.Popen[bytes]:
+        """A new process for part ``label``, in its place; the old one must have exited."""
+        if label == NATS:
+            return self.start_nats().process
+        index = next(i for i, (name, _) in enumerate(self.processes) if name == label)
+        with spawning():
+            if label == LOCAL_MODEL:
+                process = _start_local_model(self.settings, self.logs)
+            else:
+                process = self.launch(label, self.services.get(label) or get_service(label))
+            self.processes[index] = (label, process)
+        return process
 
     def restart(self, name: str, *, kill: bool = False) -> None:
         """Stop one service (SIGKILL with ``kill``: a crash) and start a new process for it."""
-        service = get_service(name)
-        index = next(i for i, (label, _) in enumerate(self.processes) if label == name)
-        old = self.processes[index][1]
+        service = self.services.get(name) or get_service(name)
+        old = dict(self.processes)[name]
         old.kill() if kill else old.terminate()
         old.wait(timeout=15)
-        self.processes[index] = (name, self.launch(name, service))
+        self.respawn(name)
         asyncio.run(_wait_for_consumers(self, [d for d, _ in ROLES[service.role].consumers]))
 
     def dead(self) -> list[str]:
         return [name for name, process in self.processes if process.poll() is not None]
+
+    def supervise(
+        self,
+        report: Callable[[str], None],
+        policy: RestartPolicy = RestartPolicy(),
+        check_stop: Callable[[], None] = lambda: None,
+    ) -> PartFailed:
+        """Keep every part running until one cannot be: restart a part that exited, as
+        ``policy`` says, until it exits too often. nats-server is restarted like the others, on
+        its data directory and with the same credentials: the services reconnect to it. Each
+        exit and restart is reported and written to ``logs/supervisor.log``.
+
+        Runs in the main thread and sleeps until a child exits (SIGCHLD), a restart is due or a
+        signal arrives (through the wakeup fd). A stop signal ends it by raising out of it, under
+        :func:`stop_on_signals`, whose ``check`` is ``check_stop``. The caller stops the stack.
+        """
+        assert self.nats is not None
+        exits: dict[str, deque[float]] = {}
+        due: dict[str, float] = {}  # label -> when its restart is due (time.monotonic)
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_read, False)
+        os.set_blocking(wake_write, False)
+        old_wakeup = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+        old_sigchld = signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+
+        def event(line: str) -> None:
+            self.note(line)
+            report(line)
+
+        try:
+            while True:
+                check_stop()
+                now = time.monotonic()
+                for label, process in [(NATS, self.nats.process), *self.processes]:
+                    if label in due or (code := process.poll()) is None:
+                        continue
+                    recent = exits.setdefault(label, deque())
+                    recent.append(now)
+                    while recent[0] < now - policy.window_s:
+                        recent.popleft()
+                    if len(recent) > policy.max_restarts:
+                        return self._failed(
+                            label,
+                            f"{label} {_exit_text(code)}: {len(recent)} exits in "
+                            f"{policy.window_s:g}s, more than the {policy.max_restarts} restarts "
+                            "allowed; not restarting it",
+                        )
+                    delay = policy.delay(len(recent))
+                    due[label] = now + delay
+                    event(
+                        f"{label} {_exit_text(code)}; restarting it in {delay:g}s (restart "
+                        f"{len(recent)} of at most {policy.max_restarts} in {policy.window_s:g}s)"
+                    )
+                for label, when in list(due.items()):
+                    if when <= now:
+                        del due[label]
+                        event(f"{label} restarted (pid {self.respawn(label).pid})")
+                wait = max(0.0, min(due.values()) - now) if due else None
+                select.select([wake_read], [], [], wait)
+                while _drain(wake_read):
+                    pass
+        finally:
+            signal.signal(signal.SIGCHLD, old_sigchld)
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(wake_read)
+            os.close(wake_write)
+
+    def start_failed(self, label: str) -> StartFailed:
+        code = dict(self.processes)[label].returncode
+        return StartFailed(self._failed(label, f"{label} {_exit_text(code)} during start-up"))
+
+    def _failed(self, label: str, reason: str) -> PartFailed:
+        log = self.logs / f"{label}.log"
+        failed = PartFailed(label=label, reason=reason, log_tail=_tail(log, LOG_TAIL_LINES))
+        self.note(f"{reason}; the end of {log}:\n{failed.log_tail}")
+        return failed
+
+    def note(self, line: str) -> None:
+        note(self.settings, line)
+
+
+def note(settings: Settings, line: str) -> None:
+    """One line of ``logs/supervisor.log``: what the supervisor did, and when."""
+    with open(settings.home.resolve() / "logs" / "supervisor.log", "a", encoding="utf-8") as log:
+        log.write(f"{datetime.now(UTC).isoformat(timespec='seconds')} {line}\n")
+
+
+def _terminate(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM to each running process in order; SIGKILL to any still running after ``grace``."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _exit_text(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"was killed by signal {-code}"
+
+
+def _drain(fd: int) -> bool:
+    try:
+        return bool(os.read(fd, 512))
+    except BlockingIOError:
+        return False
+
+
+def _tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a log file, without colour codes (as read, not yet made safe
+    for a terminal: the caller prints it as untrusted text)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 64 * 1024))
+            text = log.read().decode("utf-8", errors="replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    return "\n".join(line.rstrip() for line in _COLOURS.sub("", text).splitlines()[-lines:])
 
 
 def uses_local_model(settings: Settings) -> bool:
@@ -92,32 +408,28 @@ def start_stack(
 
     ``services``: by default every service that is not optional (not the policy approver).
     """
-    home = settings.home.resolve()
-    logs = home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     stack = Stack(settings=settings)
+    stack.logs.mkdir(parents=True, exist_ok=True)
     try:
         began = time.monotonic()
-        port = urlparse(settings.nats_url).port or 4222
-        stack.nats = start_nats(
-            home, port, log_path=logs / "nats-server.log", approvers=settings.approvers
-        )
-        on_ready("nats-server", time.monotonic() - began)
+        stack.note(f"{NATS} started (pid {stack.start_nats().process.pid})")
+        on_ready(NATS, time.monotonic() - began)
         if uses_local_model(settings):
             began = time.monotonic()
-            stack.processes.append(("local-model", _start_local_model(settings, logs)))
+            with spawning():
+                stack.processes.append((LOCAL_MODEL, _start_local_model(settings, stack.logs)))
             _wait_for_local_model(settings.local_model_port, stack)
-            on_ready("local-model", time.monotonic() - began)
+            on_ready(LOCAL_MODEL, time.monotonic() - began)
         for service in services:
             name = service.name
             copies = evaluators if name == "evaluator" else 1
             began = time.monotonic()
             for copy in range(copies):
-                label = f"{name}-{copy + 1}" if copies > 1 else name
-                stack.processes.append((label, stack.launch(label, service)))
+                stack.add(f"{name}-{copy + 1}" if copies > 1 else name, service)
             durables = [d for d, _ in ROLES[service.role].consumers]
             asyncio.run(_wait_for_consumers(stack, durables))
             on_ready(name if copies == 1 else f"{name} x{copies}", time.monotonic() - began)
+        stack.note(", ".join(f"{label} (pid {p.pid})" for label, p in stack.processes) + " up")
     except BaseException:
         stack.stop()
         raise
@@ -133,9 +445,10 @@ def _start_local_model(settings: Settings, logs: Path) -> subprocess.Popen[bytes
         "--n_ctx", "2048",
         "--n_threads", str(os.cpu_count() or 2),
     ]  # fmt: skip
-    return subprocess.Popen(
-        command, stdout=open(logs / "local-model.log", "ab"), stderr=subprocess.STDOUT
-    )
+    with open(logs / f"{LOCAL_MODEL}.log", "ab") as log:
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=child_setup()
+        )
 
 
 def _wait_for_local_model(port: int, stack: Stack, timeout: float = 120.0) -> None:
@@ -143,7 +456,7 @@ def _wait_for_local_model(port: int, stack: Stack, timeout: float = 120.0) -> No
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if stack.dead():
-            raise RuntimeError(f"the local model server exited; see {stack.settings.home}/logs")
+            raise stack.start_failed(LOCAL_MODEL)
         try:
             with urllib.request.urlopen(f"{local_base_url(port)}/models", timeout=5):
                 return
@@ -162,9 +475,7 @@ async def _wait_for_consumers(stack: Stack, durables: list[str], timeout: float 
         pending = set(durables)
         while pending:
             if dead := stack.dead():
-                raise RuntimeError(
-                    f"{', '.join(dead)} exited during start-up; see {stack.settings.home}/logs"
-                )
+                raise stack.start_failed(dead[0])
             if time.monotonic() > deadline:
                 raise TimeoutError(f"consumers {sorted(pending)} never appeared")
             for durable in list(pending):

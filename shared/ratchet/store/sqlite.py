@@ -36,9 +36,13 @@ async def open_own_db(path: Path, schema: str) -> aiosqlite.Connection:
     created with its tables if new, in WAL mode like the store."""
     path.parent.mkdir(parents=True, exist_ok=True)
     db = await aiosqlite.connect(path)
-    await db.execute("PRAGMA journal_mode=WAL")
-    await db.executescript(schema)
-    await db.commit()
+    try:
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.executescript(schema)
+        await db.commit()
+    except BaseException:  # say not a database: its thread would keep the service from exiting
+        await db.close()
+        raise
     return db
 
 
