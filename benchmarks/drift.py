@@ -840,7 +840,7 @@ async def e2e_cycles(cfg: E2EConfig, stack: Stack, suite: Suite) -> dict[str, An
         if data.get("context", {}).get("purpose") == "gate":
             gate_runs[data["run_id"].split(".")[0]] += 1
 
-    await nc.subscribe("change.proposed", cb=on_proposed)
+    await nc.subscribe(ChangeProposed.subject_of("*"), cb=on_proposed)
     await nc.subscribe("run.scored", cb=on_scored)
     await nc.flush()
     js = nc.jetstream()

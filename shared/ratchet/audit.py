@@ -8,13 +8,17 @@
   fails its signatures, and the failures name the records.
 - **Anchor.** A chain cannot show that its newest records were cut off. Every ``change.recorded``
   event carries the trail's head (seq, hash, signature) in the RATCHET stream, which only the
-  gatekeeper may publish to and nobody may delete from or purge; the newest one is the anchor
-  the trail's end is checked against. The gatekeeper publishes it again at start and daily, so
-  the stream's retention never leaves a running trail without one.
+  gatekeeper may publish to and nobody may delete from or purge; the newest one signed by the
+  key is the anchor the trail's end is checked against. The gatekeeper publishes it again at
+  start and daily, so the stream's retention never leaves a running trail without one.
 
 Records are checked with these functions only, so every store backend (and an auditor reading
-an export) verifies the trail the same way. Records written before they were signed are reported
-as such: the hash chain and the first signed record after them still vouch for them.
+an export) verifies the trail the same way. Every record must carry the key's signature: the hash
+chain alone vouches for nothing (whoever can write the database can recompute it), so an unsigned
+record is a problem, named, whether its signature was removed or it was written before records
+were signed. An anchor counts only if it is signed by the key too, and the stream's newest
+messages on ``change.recorded`` that are not such anchors are reported, never taken for "no
+anchor".
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,8 +39,10 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import Header
+from nats.js.errors import APIError
 from pydantic import ValidationError
 
 from ratchet.contracts import AuditAnchor, ChangeRecorded
@@ -47,6 +54,7 @@ PUBLIC_KEY_FILE = "gatekeeper-audit-key.pub"  # beside it, for the operator to p
 KEY_PREFIX = "ed25519:"
 SIGNED_PREFIX = b"ratchet.audit.v1:"  # what is signed: this, then the record's hash
 MAX_LISTED = 10  # seq ranges named per problem; the rest are counted
+UNSIGNED = "unsigned (signature removed, or written without the key)"  # the problem, per record
 
 
 class ChainedRecord(Protocol):
@@ -297,22 +305,21 @@ def seq_ranges(seqs: list[int]) -> str:
     return "seq " + ", ".join(named) + (f" and {more} more range(s)" if more > 0 else "")
 
 
-def verify_signatures(records: Iterable[ChainedRecord], key: AuditKey) -> TrailReport:
-    """Every record must carry ``key``'s signature of its hash. Unsigned records are accepted
-    only before the first signed one (written before records were signed): the signed record
-    after them chains to them, so they cannot change without breaking it."""
-    ordered = sorted(records, key=lambda r: r.seq)
-    first_signed = next((r.seq for r in ordered if r.signature is not None), None)
-    legacy: list[int] = []
+def signed_by(record: ChainedRecord, key: AuditKey) -> bool:
+    """Whether ``record`` carries ``key``'s signature of its hash."""
+    return record.signature is not None and key.verifies(record.hash, record.signature)
+
+
+def verify_signatures(records: Iterable[ChainedRecord], key: AuditKey | None) -> TrailReport:
+    """Every record must carry ``key``'s signature of its hash. An unsigned record is a problem
+    wherever it is: accepting some ("written before signing") would let whoever can write the
+    database strip every signature and pass a recomputed chain, forged records and all, off as
+    such. Without a key only the unsigned records are found."""
     failing: dict[str, list[int]] = {}
-    for record in ordered:
+    for record in sorted(records, key=lambda r: r.seq):
         if record.signature is None:
-            if first_signed is None or record.seq < first_signed:
-                legacy.append(record.seq)
-            else:
-                why = "unsigned after signed records (signature removed, or added without the key)"
-                failing.setdefault(why, []).append(record.seq)
-        elif not key.verifies(record.hash, record.signature):
+            failing.setdefault(UNSIGNED, []).append(record.seq)
+        elif key is not None and not key.verifies(record.hash, record.signature):
             why = (
                 "signature does not match (rewritten or forged after signing)"
                 if record.key_id == key.id
@@ -320,12 +327,8 @@ def verify_signatures(records: Iterable[ChainedRecord], key: AuditKey) -> TrailR
             )
             failing.setdefault(why, []).append(record.seq)
     report = TrailReport(problems=[f"{seq_ranges(seqs)}: {why}" for why, seqs in failing.items()])
-    if legacy:
-        cover = "with the first signed record after them" if first_signed else "alone"
-        report.notes.append(
-            f"{seq_ranges(legacy)}: unsigned, written before records were signed; their hash "
-            f"chain {cover} vouches for them"
-        )
+    if key is None:
+        report.notes.append("no public key: the signatures were not checked")
     return report
 
 
@@ -352,22 +355,21 @@ def anchor_problem(
 def verify_anchor(
     records: Iterable[ChainedRecord], anchor: AuditAnchor | None, key: AuditKey | None
 ) -> TrailReport:
-    """The trail's end against the stream's newest anchor: nothing cut off, nothing rewritten
-    at the anchored seq (records after it, written since, are covered by their signatures)."""
+    """The trail's end against the stream's newest anchor, which must be signed: nothing cut off,
+    nothing rewritten at the anchored seq. Records after it (written since) have only their own
+    signatures to vouch for them, and a cut among them would not show: that is noted."""
     by_seq = {r.seq: r for r in records}
     report = TrailReport()
     if anchor is None:
         if by_seq:
             report.problems.append(
-                "no anchor of the trail in the RATCHET stream, so its end cannot be checked "
-                "(the gatekeeper anchors its head at start and daily: was the stream recreated?)"
+                "no valid anchor of the trail in the RATCHET stream, so its end cannot be checked "
+                "(the gatekeeper anchors its head with every record, at start and daily)"
             )
         return report
-    if (
-        key is not None
-        and anchor.signature is not None
-        and not key.verifies(anchor.hash, anchor.signature)
-    ):
+    if anchor.signature is None:
+        report.problems.append(f"the stream's anchor (seq {anchor.seq}) is unsigned")
+    elif key is not None and not key.verifies(anchor.hash, anchor.signature):
         report.problems.append(
             f"the stream's anchor (seq {anchor.seq}) is not signed by key {key.id}"
         )
@@ -376,9 +378,12 @@ def verify_anchor(
     if problem:
         report.problems.append(problem)
     elif last_seq > anchor.seq:
+        first = anchor.seq + 1
+        newer = f"seq {first}" if first == last_seq else f"seq {first} to {last_seq}"
+        vouch = "their signatures alone vouch for them" if key else "nothing vouches for them"
         report.notes.append(
-            f"seq {anchor.seq + 1} to {last_seq}: newer than the stream's anchor (seq "
-            f"{anchor.seq}), covered by their signatures"
+            f"{newer}: newer than the stream's anchor (seq {anchor.seq}), so {vouch}, and "
+            "records cut off after them would not show"
         )
     return report
 
@@ -388,25 +393,126 @@ def verify_trail(
 ) -> TrailReport:
     """Every check: the hash chain, the signatures (with ``key``) and the anchor."""
     report = TrailReport(problems=verify_chain(records))
-    if key is None:
-        report.notes.append("no public key: the signatures were not checked")
-    else:
-        report.extend(verify_signatures(records, key))
+    report.extend(verify_signatures(records, key))
     report.extend(verify_anchor(records, anchor, key))
     return report
 
 
 # --- the anchor in the stream ---------------------------------------------------------------------
 
+ANCHOR_WALK = 1000  # change.recorded messages read back at most, looking for a valid anchor
+DIRECT_GET = f"$JS.API.DIRECT.GET.{EVENTS_STREAM}"
 
-async def read_anchor(js: JetStreamContext) -> ChangeRecorded | None:
-    """The newest ``change.recorded`` in the RATCHET stream (one direct get of the subject's last
-    message), or None when the stream holds none, or only ones from before anchors existed."""
+
+@dataclass(frozen=True)
+class AnchorReading:
+    """What the stream says about the trail's end: ``event``, the newest ``change.recorded`` that
+    is a valid anchor (it parses, and its head is signed: by the key, when there is one), and
+    ``invalid``, the newer messages on that subject that are not (why -> their stream seqs).
+
+    Those are reported, and never taken for "no anchor": a reader that did would not see records
+    cut off behind garbage on ``change.recorded``. Checking against the newest *valid* anchor is
+    as strong as checking against the newest message: nobody without the key can make one."""
+
+    event: ChangeRecorded | None = None
+    invalid: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def head(self) -> AuditAnchor | None:
+        return self.event.head if self.event else None
+
+    @property
+    def unreadable(self) -> bool:
+        """The stream holds messages on ``change.recorded``, but none read is a valid anchor:
+        the trail's end cannot be checked (which is not the same as a stream without any)."""
+        return self.event is None and bool(self.invalid)
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per reason, naming the messages' stream seqs."""
+        return [
+            f"change.recorded at stream {seq_ranges(seqs)}: not a valid anchor ({why})"
+            for why, seqs in self.invalid.items()
+        ]
+
+    def summary(self) -> str:
+        """Why no anchor could be checked, in one line (for an :attr:`unreadable` reading)."""
+        read = sum(len(seqs) for seqs in self.invalid.values())
+        return (
+            f"none of the newest {read} change.recorded message(s) in the RATCHET stream is a "
+            f"valid anchor ({'; '.join(self.problems)})"
+        )
+
+
+def as_anchor(data: bytes, key: AuditKey | None) -> tuple[ChangeRecorded | None, str]:
+    """``data`` as an anchor, or None and why it is not one."""
     try:
-        message = await js.get_last_msg(EVENTS_STREAM, ChangeRecorded.subject, direct=True)
-    except NotFoundError:
-        return None
-    try:
-        return ChangeRecorded.model_validate_json(message.data or b"")
+        event = ChangeRecorded.model_validate_json(data)
     except ValidationError:
+        return None, "not a change.recorded event carrying the trail's head"
+    if event.head.signature is None:
+        return None, "its head is unsigned"
+    if key is not None and not key.verifies(event.head.hash, event.head.signature):
+        return None, f"its head is not signed by key {key.id}"
+    return event, ""
+
+
+async def newest_anchor(
+    messages: AsyncIterator[tuple[int, bytes]], key: AuditKey | None, *, limit: int = ANCHOR_WALK
+) -> AnchorReading:
+    """The newest valid anchor among ``messages`` (each ``change.recorded``'s stream seq and
+    data, newest first), reading at most ``limit`` of them."""
+    invalid: dict[str, list[int]] = {}
+    read = 0
+    async for stream_seq, data in messages:
+        event, why = as_anchor(data, key)
+        if event is not None:
+            return AnchorReading(event, invalid)
+        invalid.setdefault(why, []).append(stream_seq)
+        read += 1
+        if read >= limit:
+            break
+    return AnchorReading(None, invalid)
+
+
+async def read_anchor(
+    nc: Client, key: AuditKey | None, *, timeout: float = 5.0, limit: int = ANCHOR_WALK
+) -> AnchorReading:
+    """The trail's newest valid anchor in the RATCHET stream, walking back from the newest
+    ``change.recorded`` past any that is not one (at most ``limit`` messages). A read that fails
+    raises: nothing here stands for "no anchor" but a stream without any ``change.recorded``."""
+    async with aclosing(_recorded_newest_first(nc, timeout)) as messages:
+        return await newest_anchor(messages, key, limit=limit)
+
+
+async def _recorded_newest_first(nc: Client, timeout: float) -> AsyncGenerator[tuple[int, bytes]]:
+    """Each ``change.recorded`` in the RATCHET stream, newest first, as (stream seq, data): the
+    newest by a direct get of the subject's last message, each older one by a direct get of the
+    subject's last message up to the stream seq before it (``multi_last`` with ``up_to_seq``)."""
+    subject = ChangeRecorded.subject
+    reply = await nc.request(f"{DIRECT_GET}.{subject}", b"", timeout=timeout)
+    while (stored := _stored(reply)) is not None:
+        stream_seq, data = stored
+        yield stream_seq, data
+        if stream_seq <= 1:  # up_to_seq 0 would mean no limit at all
+            return
+        ask = {"multi_last": [subject], "up_to_seq": stream_seq - 1}
+        # a batch answer: the message, then an end-of-batch status the request no longer hears
+        reply = await nc.request(DIRECT_GET, json.dumps(ask).encode(), timeout=timeout)
+
+
+def _stored(reply: Msg) -> tuple[int, bytes] | None:
+    """A direct get's answer as (stream seq, data), None when no message matches. Only a stored
+    message carries a stream seq, so a status header stored inside one is never taken for
+    "none"; any other status is an error."""
+    headers = reply.headers or {}
+    seq = headers.get("Nats-Sequence")
+    if seq is not None and seq.isdigit():
+        return int(seq), reply.data
+    if seq is None and headers.get("Status") == "404":
         return None
+    status = headers.get("Status", "")
+    raise APIError(
+        code=int(status) if status.isdigit() else None,
+        description=f"reading {ChangeRecorded.subject}: {headers.get(Header.DESCRIPTION, status)}",
+    )

@@ -57,7 +57,7 @@ CHANGE_ID_CHARS = 64
 CASE_ID_CHARS = 100
 RUN_ID_CHARS = 256  # room for a gate run's id: change, nonce, stage, arm, case and repeat
 ID_CHARS = 300  # an event's id: a run id plus a suffix such as ".completed"
-NAME_CHARS = 128  # task names, model labels, scorers, proposers, trace step names
+NAME_CHARS = 128  # task names, model labels, scorers, trace step names
 SHA256_CHARS = 64
 INPUT_CHARS = 16_000
 OUTPUT_CHARS = 16_000
@@ -327,7 +327,22 @@ class FailureGroup(BaseModel):
     )
 
 
-class ChangeProposed(Event):
+class Attributed(Event):
+    """An event published on ``<subject>.<who>``: the subject's last token says who sent it.
+    Each NATS user may publish only its own such subjects (``ratchet.natsconf``), so the name is
+    one the server authenticated, and the body names nobody: a body that still carries a name
+    (``proposer``, ``approver``) is malformed and dead-lettered, never believed."""
+
+    @classmethod
+    def subject_of(cls, who: str) -> str:
+        """Where ``who`` publishes this kind of event."""
+        return f"{cls.subject}.{who}"
+
+
+class ChangeProposed(Attributed):
+    """A proposed change, published on ``change.proposed.<who>``: ``proposer`` for the proposer
+    service, ``client`` for a person's own change or a rollback made with the CLI."""
+
     subject: ClassVar[str] = "change.proposed"
 
     change_id: ChangeId = Field(default_factory=new_id)
@@ -339,7 +354,11 @@ class ChangeProposed(Event):
     rationale: Rationale
     groups: list[FailureGroup] = Field(default_factory=list, max_length=GROUPS)
     failure_run_ids: list[RunId] = Field(default_factory=list, max_length=FAILURE_RUN_IDS)
-    proposer: Name = "proposer"
+    model: Name | None = Field(
+        default=None,
+        description="The model that wrote the prompt, as its publisher says (None: a person). "
+        "A description, never who proposed: that is the subject's last token.",
+    )
     margin: float = Field(
         default=0.0,
         ge=0.0,
@@ -438,7 +457,7 @@ APPROVER_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 """An approver's name: one subject token (no dots or wildcards) that also makes a NATS user name."""
 
 
-class ChangeDecision(Event):
+class ChangeDecision(Attributed):
     """A decision on a change, published on ``<subject>.<approver>``: the last subject token is
     who decided. Each approver's NATS user may publish only its own two decision subjects, so the
     name is one the server authenticated; the body names nobody (a body that still carries an
@@ -450,11 +469,6 @@ class ChangeDecision(Event):
         description="The evidence decided on (from change.awaiting_approval); a decision that "
         "names other evidence, or comes before there is any, is refused and audited."
     )
-
-    @classmethod
-    def subject_of(cls, approver: str) -> str:
-        """Where ``approver`` publishes this kind of decision."""
-        return f"{cls.subject}.{approver}"
 
 
 class ChangeApproved(ChangeDecision):

@@ -23,8 +23,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, BucketNotFoundError
 from pydantic import ValidationError
 
 from ratchet.contracts import DeadLetter, Event
@@ -40,13 +40,25 @@ PROMPTS_BUCKET = "prompts"
 PROMPT_HISTORY = 64
 DUPLICATE_WINDOW_S = 600.0
 EVENTS_MAX_AGE_S = 30 * 24 * 3600
+# Storage is bounded too: whoever may publish could otherwise fill the disk. A full events
+# stream refuses new events (publishers get an error) rather than drop the oldest: those hold
+# unfinished work and the audit trail's anchors. Dead letters beyond their limit drop the oldest.
+EVENTS_MAX_BYTES = 8 * 1024**3
+DLQ_MAX_BYTES = 1024**3
+# The prompt bucket's consumers: one watch per reader process, gone once idle. A reader may
+# create consumers (the watch), and the server cannot restrict their names or lifetimes by
+# permission, so their number is capped instead.
+PROMPTS_MAX_CONSUMERS = 256
 QUERY_PREFIX = "query"  # request/reply subjects, outside every stream
+
+
+INBOX_ROOT = "_INBOX"
 
 
 def inbox_prefix(user: str | None) -> str:
     """Where replies to this NATS user go: ``_INBOX_<user>``, a prefix of its own, so the server
     can let each role subscribe to its own replies (and deliveries) and nobody else's."""
-    return f"_INBOX_{user}" if user else "_INBOX"
+    return f"{INBOX_ROOT}_{user}" if user else INBOX_ROOT
 
 
 # Services bind to the stream; they never create or change it.
@@ -71,6 +83,8 @@ async def ensure_streams(js: JetStreamContext) -> None:
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
             max_age=EVENTS_MAX_AGE_S,
+            max_bytes=EVENTS_MAX_BYTES,
+            discard=DiscardPolicy.NEW,  # full: refuse new events, never drop anchors or work
             deny_delete=True,
             deny_purge=True,
             allow_direct=True,
@@ -80,15 +94,24 @@ async def ensure_streams(js: JetStreamContext) -> None:
             subjects=[f"{DLQ_PREFIX}.>"],
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
+            max_age=EVENTS_MAX_AGE_S,
+            max_bytes=DLQ_MAX_BYTES,
         ),
     ):
         try:
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
-    await js.create_key_value(
-        KeyValueConfig(bucket=PROMPTS_BUCKET, history=PROMPT_HISTORY, storage=StorageType.FILE)
-    )
+    try:
+        await js.key_value(PROMPTS_BUCKET)
+    except BucketNotFoundError:
+        await js.create_key_value(
+            KeyValueConfig(bucket=PROMPTS_BUCKET, history=PROMPT_HISTORY, storage=StorageType.FILE)
+        )
+    bucket = (await js.stream_info(f"KV_{PROMPTS_BUCKET}")).config
+    if bucket.max_consumers != PROMPTS_MAX_CONSUMERS:
+        bucket.max_consumers = PROMPTS_MAX_CONSUMERS
+        await js.update_stream(bucket)
 
 
 async def connect(
@@ -180,6 +203,9 @@ def durable_subscriber(
         max_workers=settings.workers,
         # FastStream would deliver pulls to the shared "_INBOX." prefix, which no role may hear
         inbox_prefix=f"{inbox_prefix(settings.nats_user)}.".encode(),
+        # an event is never answered: FastStream would otherwise publish the handler's result to
+        # a `reply_to` header that whoever published the event chose (say $KV.prompts.x)
+        no_reply=True,
         description=description,
     )
 
@@ -188,7 +214,8 @@ def event_publisher(
     broker: NatsBroker, event_type: type[Event], *, subject: str | None = None
 ) -> LogicPublisher:
     """A documented publisher of one event type (it appears in the service's AsyncAPI), on its
-    own subject unless told otherwise (a decision goes to its approver's own subject)."""
+    own subject unless told otherwise (a proposal or a decision goes to its sender's own
+    subject, :meth:`ratchet.contracts.Attributed.subject_of`)."""
     return broker.publisher(
         subject or event_type.subject,
         stream=events_stream,
@@ -258,6 +285,13 @@ class DeadLetterMiddleware(BaseMiddleware):
         try:
             deliveries = raw.metadata.num_delivered
         except NotJSMessageError:  # a core (request/reply) message: nothing to redeliver
+            if raw.reply and not raw.reply.startswith(INBOX_ROOT):
+                # The asker picks the reply subject, and the answer would go out with this
+                # service's own rights: a reply aimed anywhere but an inbox (say at $KV.prompts.x
+                # or change.recorded) is never sent, and the query not answered.
+                log.warning("refused %s: its reply subject %r is no inbox", raw.subject, raw.reply)
+                msg.reply_to = ""  # FastStream publishes no answer then
+                return None
             return await call_next(msg)
         heartbeat = asyncio.create_task(_keep_alive(raw, self.ack_wait_s / 3))
         try:

@@ -9,7 +9,9 @@ This is where the isolation invariants are enforced by the server itself:
 - only the gatekeeper may request gate runs (``run.gate.requested``);
 - only the gatekeeper may write the prompt store (publish to ``$KV.prompts.>``);
 - each approver may publish only its own decisions, ``change.approved.<name>`` /
-  ``change.rejected.<name>``, so the name a decision records is the one the server authenticated;
+  ``change.rejected.<name>``, and each proposing user only its own proposals,
+  ``change.proposed.<user>`` (the proposer service and the CLI's client), so the name a decision
+  or a proposal records is the one the server authenticated;
 - only the owner of a table answers the queries about it: the failure store ``query.failures`` /
   ``query.groups`` / ``query.count``, the gatekeeper (the audit trail's owner) ``query.changes``
   / ``query.change`` / ``query.audit``, the proposer ``query.propose``;
@@ -36,6 +38,7 @@ import bcrypt
 
 from ratchet.contracts import (
     APPROVER_NAME,
+    Attributed,
     ChangeApplied,
     ChangeApproved,
     ChangeAwaitingApproval,
@@ -63,6 +66,10 @@ KV_STREAM = f"KV_{PROMPTS_BUCKET}"
 JS_API = "$JS.API"
 ADMIN = "admin"
 POLICY_APPROVER = "policy"  # the policy approver service decides under this name
+# The users that propose changes, each on its own subject: the proposer service (a model's
+# proposals) and the CLI (a person's own change, a rollback). Approvers decide, never propose.
+PROPOSER = "proposer"
+CLIENT = "client"
 
 # Passwords are 144-bit random tokens, so guessing one is out of reach at any bcrypt cost; the
 # hash only keeps the config from handing them out. Cost 6 costs the server ~5 ms per connect
@@ -82,6 +89,9 @@ PROPOSE_QUERY = _query("propose")
 EVERY_QUERY = (*FAILURE_QUERIES, *AUDIT_QUERIES, PROPOSE_QUERY)
 # The audit trail's anchor: one direct get of the newest change.recorded in the events stream
 READ_AUDIT_ANCHOR = f"{JS_API}.DIRECT.GET.{EVENTS_STREAM}.{ChangeRecorded.subject}"
+# Any message of the events stream by sequence: the gatekeeper walks back past change.recorded
+# messages that are not valid anchors to the newest that is (ratchet.audit.read_anchor).
+READ_EVENTS_BY_SEQ = f"{JS_API}.DIRECT.GET.{EVENTS_STREAM}"
 
 
 @dataclass(frozen=True)
@@ -134,8 +144,8 @@ def approver_role(name: str, *, durable: str | None = None) -> Role:
     )
 
 
-def _decisions(kind: type[ChangeApproved | ChangeRejected]) -> str:
-    """The gatekeeper's filter for one kind of decision, whoever made it."""
+def _from_anyone(kind: type[Attributed]) -> str:
+    """The gatekeeper's filter for one kind of proposal or decision, whoever sent it."""
     return kind.subject_of("*")
 
 
@@ -159,8 +169,8 @@ ROLES: dict[str, Role] = {
             ("failure-store-scored", RunScored.subject),
         ),
     ),
-    "proposer": Role(  # asks the failure store; owns no shared table
-        publish=(ChangeProposed.subject, *FAILURE_QUERIES),
+    PROPOSER: Role(  # asks the failure store; owns no shared table
+        publish=(ChangeProposed.subject_of(PROPOSER), *FAILURE_QUERIES),
         subscribe=(PROPOSE_QUERY,),
         consumers=(("proposer", FailureLogged.subject),),
         reads_prompts=True,
@@ -175,20 +185,26 @@ ROLES: dict[str, Role] = {
             ChangeRecorded.subject,
             f"$KV.{PROMPTS_BUCKET}.>",
             READ_AUDIT_ANCHOR,
+            READ_EVENTS_BY_SEQ,
         ),
         # the audit trail's owner answers every question about it
         subscribe=AUDIT_QUERIES,
         consumers=(
-            ("gatekeeper-proposed", ChangeProposed.subject),
+            ("gatekeeper-proposals", _from_anyone(ChangeProposed)),
             ("gatekeeper-scored", RunScored.subject),
-            ("gatekeeper-approvals", _decisions(ChangeApproved)),
-            ("gatekeeper-rejections", _decisions(ChangeRejected)),
+            ("gatekeeper-approvals", _from_anyone(ChangeApproved)),
+            ("gatekeeper-rejections", _from_anyone(ChangeRejected)),
         ),
         reads_prompts=True,
     ),
     approver_user(POLICY_APPROVER): approver_role(POLICY_APPROVER, durable="policy-approver"),
-    "client": Role(  # the CLI: runs, queries, a person's own proposals; deciding is an approver's
-        publish=(RunRequested.subject, ChangeProposed.subject, *EVERY_QUERY, READ_AUDIT_ANCHOR),
+    CLIENT: Role(  # the CLI: runs, queries, a person's own proposals; deciding is an approver's
+        publish=(
+            RunRequested.subject,
+            ChangeProposed.subject_of(CLIENT),
+            *EVERY_QUERY,
+            READ_AUDIT_ANCHOR,
+        ),
         subscribe=(
             RunCompleted.subject,
             RunScored.subject,

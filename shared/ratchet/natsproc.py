@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +107,12 @@ class LocalNats:
 
 
 def start_nats(
-    home: Path, port: int, *, log_path: Path | None = None, approvers: Iterable[str] = ()
+    home: Path,
+    port: int,
+    *,
+    log_path: Path | None = None,
+    approvers: Iterable[str] = (),
+    preexec_fn: Callable[[], None] | None = None,
 ) -> LocalNats:
     """Start nats-server with per-service users (and one per approver), then create the streams
     as admin.
@@ -124,15 +129,20 @@ def start_nats(
     folder.mkdir(parents=True, exist_ok=True)
     roles = users(approvers)
     credentials = folder / "credentials.json"
+    config = folder / "nats-server.conf"
     kept: dict[str, str] = json.loads(credentials.read_text()) if credentials.exists() else {}
+    if config.exists() and any(f'"{secret}"' in config.read_text() for secret in kept.values()):
+        kept = {}  # a config from before hashing held every password in plain text: new ones
     passwords = {name: kept.get(name, fresh) for name, fresh in generate_passwords(roles).items()}
     if passwords != kept:
         write_secret(credentials, json.dumps(passwords))
-    config = folder / "nats-server.conf"
     write_secret(config, render_config(roles, passwords, port=port, store_dir=folder / "jetstream"))
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(
-        [nats_server_binary(), "-c", str(config)], stdout=out, stderr=subprocess.STDOUT
+    process = subprocess.Popen(  # preexec_fn: how `ratchet up` ties its children to itself
+        [nats_server_binary(), "-c", str(config)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        preexec_fn=preexec_fn,
     )
     local = LocalNats(process=process, port=port, passwords=passwords)
     try:

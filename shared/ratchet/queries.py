@@ -115,6 +115,9 @@ class ChangeSummary(BaseModel):
     task: str
     status: str
     updated_at: datetime
+    proposer: str = Field(
+        default="?", description="Who proposed it: the actor of its received record."
+    )
 
 
 # Records that report on a change without moving it: they never become its status.
@@ -129,12 +132,17 @@ def summarize(records: list[AuditRecord]) -> list[ChangeSummary]:
     summaries = []
     for change_id, trail in by_change.items():
         task = next((str(r.payload["task"]) for r in trail if "task" in r.payload), "?")
+        proposer = next((r.actor for r in trail if r.kind == "received"), "?")
         steps = [r for r in trail if r.kind not in NOT_A_STATUS]
         if not steps:  # only refused decisions: no change of that id reached the gatekeeper
             continue
         summaries.append(
             ChangeSummary(
-                change_id=change_id, task=task, status=steps[-1].kind, updated_at=trail[-1].at
+                change_id=change_id,
+                task=task,
+                status=steps[-1].kind,
+                updated_at=trail[-1].at,
+                proposer=proposer,
             )
         )
     return sorted(summaries, key=lambda s: s.updated_at, reverse=True)

@@ -3,7 +3,8 @@ real process, the world model (``scripted:world``) as the agent and the policy a
 
 Every world prompt carries its true success rate as a tag (``ratchet.world``), so each change's
 true effect is known: a change to success 0.75 from the base 0.5 is truly better (+25 points), one
-to 0.35 truly worse (-15 points). The test publishes both as a client would (`change.proposed`),
+to 0.35 truly worse (-15 points). The test publishes both as a client would
+(`change.proposed.client`),
 the worse one first, and checks what the gate made of them, what `ratchet show` prints, and that
 every gate run the gatekeeper issued was run and scored exactly once (a client subscription counts
 `run.completed` and `run.scored`; the gatekeeper's own ledger says which runs it issued).
@@ -75,6 +76,9 @@ class Observer:
             if subject.startswith(("change.approved.", "change.rejected.")):
                 subject, _, approver = subject.rpartition(".")  # who decided ends the subject
                 assert approver == "policy", msg.subject  # the only approver in this stack
+            elif subject.startswith("change.proposed."):
+                subject, _, proposer = subject.rpartition(".")  # and who proposed
+                assert proposer == "client", msg.subject  # the test proposes as the CLI would
             self.changes.append((subject, data["change_id"]))
         async with self.arrived:
             self.arrived.notify_all()
@@ -191,10 +195,10 @@ async def propose(nc: Client, observer: Observer, success: float, prompt_id: int
         base_version=current.version,
         proposed_prompt=format_prompt(BASE_PROMPT, prompt_id, success),
         rationale=f"A FAKE world prompt whose true success is {success:.0%}.",
-        proposer="test:world",
+        model="test:world",
     )
     await nc.jetstream().publish(
-        change.subject,
+        change.subject_of("client"),
         change.model_dump_json().encode(),
         headers={"Nats-Msg-Id": f"{change.subject}:{change.id}"},
         timeout=5,
@@ -370,6 +374,9 @@ def test_show_prints_the_evidence(world: tuple[Stack, dict[str, Decided]], which
     assert m.proposals_on_pool == proposals
     assert f"({GATE} cases): {proposals} proposal(s) tested on it, budget 50" in out
     assert "note: An approved lift is an overestimate" in out
+    # who proposed is the CLI's user, which the subject proved; the model is what the body says
+    assert next(r["actor"] for r in change.trail if r["kind"] == "received") == "client"
+    assert "by: client (model test:world)" in out
     if which == "better":
         assert m.fixed
         assert f"holdout: lift {change.record('holdout')['lift']:+.1%}" in out

@@ -109,6 +109,9 @@ async def test_a_fix_is_measured_approved_applied_used_and_kept(
     waiting = await wait_for_status(stack, {"awaiting_approval"})
     shown = cli(stack, "show", waiting["change_id"])
     assert "current" in shown.stdout and "candidate" in shown.stdout and "+only" not in shown.stdout
+    # proposed by the proposer service (its own subject), written by the model it names
+    assert waiting["proposer"] == "proposer"
+    assert "by: proposer (model scripted:proposer-fix)" in shown.stdout
 
     assert "verdict: shown better" in shown.stdout and "lower bound" in shown.stdout
     measured = json.loads(cli(stack, "show", waiting["change_id"], "--json").stdout)
@@ -214,7 +217,8 @@ async def test_a_persons_own_change_for_another_reason_is_tested_for_non_inferio
     assert waiting["status"] == "awaiting_approval"
     shown = cli(stack, "show", waiting["change_id"])
     assert "verdict: shown no worse than the margin (non-inferiority, margin 5%" in shown.stdout
-    assert "by: cli:" in shown.stdout
+    assert "by: client\n" in shown.stdout  # the CLI's NATS user, as the subject proved it
+    assert waiting["proposer"] == "client"
 
     approved = cli(stack, "approve", waiting["change_id"], "--reason", "shorter, same answers")
     assert approved.returncode == 0, approved.stderr

@@ -114,7 +114,7 @@ class Forger:
             "run.scored": self._on_scored,
             "failure.logged": lambda m: self.failures.add(json.loads(m.data)["run_id"]),
             "dlq.>": lambda m: self.letters.append(json.loads(m.data)),
-            "change.proposed": lambda m: self.proposed.append(
+            ChangeProposed.subject_of("*"): lambda m: self.proposed.append(
                 ChangeProposed.model_validate_json(m.data)
             ),
             "change.awaiting_approval": lambda m: self.awaiting.append(
@@ -354,6 +354,9 @@ async def test_a_client_cannot_forge_the_measurement(stack: Stack, forger: Forge
     overlapping = [s for s in overlapping if proposed_at <= s.created_at <= measured_at]
     assert overlapping, "no forged score arrived during the measurement"
 
+    # the proposer service proposed it (its own subject), and the forger saw that proposal
+    assert by_kind["received"]["actor"] == "proposer"
+    assert [p.change_id for p in forger.proposed] == [change_id]
     # the policy approver rejected it; nothing was applied
     assert "approved" not in kinds and "applied" not in kinds
     assert by_kind["rejected"]["actor"] == "policy"

@@ -76,9 +76,9 @@ async def make_hostile(stack: Stack) -> None:
             base_version=1,
             proposed_prompt=f"Answer. {MARKUP}\n{ESCAPE}",
             rationale=RATIONALE,
-            proposer=f"cli:{MARKUP}",
+            model=MARKUP,  # what the proposal says wrote it: shown, never parsed
         )
-        await publish_js(nc.jetstream(), change, timeout=5)
+        await publish_js(nc.jetstream(), change, subject=change.subject_of("client"), timeout=5)
     finally:
         await nc.close()
     await trail_reaching(stack, CHANGE_ID, "invalid")  # its task has no prompt to change
@@ -100,7 +100,14 @@ def shows_literally(stack: Stack, *args: str) -> str:
         (["failures", "--task", TASK], [f"input: {INPUT}".replace(ESCAPE, "\\x1b[31mred\\x1b[0m")]),
         (["groups", "--task", TASK], [f"{RUNS} failures of '{TASK}'", MARKUP]),
         (["changes"], [CHANGE_ID]),
-        (["show", CHANGE_ID], [f"rationale: because {MARKUP} \\x1b[31mred\\x1b[0m", CHANGE_ID]),
+        (
+            ["show", CHANGE_ID],
+            [
+                f"rationale: because {MARKUP} \\x1b[31mred\\x1b[0m",
+                CHANGE_ID,
+                f"by: client (model {MARKUP})",
+            ],
+        ),
         (["audit"], [CHANGE_ID]),
     ],
 )

@@ -22,8 +22,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from ratchet.contracts import (
+    Attributed,
     ChangeApproved,
-    ChangeDecision,
+    ChangeProposed,
     ChangeRejected,
     Event,
     GateRunRequested,
@@ -118,7 +119,7 @@ def _create_consumer(durable: str, subject: str) -> tuple[str, dict[str, object]
 
 
 GATEKEEPER_DURABLES = [
-    ("gatekeeper-proposed", "change.proposed"),
+    ("gatekeeper-proposals", "change.proposed.*"),
     ("gatekeeper-scored", "run.scored"),
     ("gatekeeper-approvals", "change.approved.*"),
     ("gatekeeper-rejections", "change.rejected.*"),
@@ -153,9 +154,9 @@ class Act:
     allowed: Callable[[str, Role], bool]
 
 
-def _event_subjects(approvers: list[str]) -> list[str]:
-    """Every event subject of ratchet.contracts; decisions once per approver and once for a
-    name nobody has."""
+def _event_subjects(senders: list[str]) -> list[str]:
+    """Every event subject of ratchet.contracts; proposals and decisions once per user and
+    approver name (``senders``), once for a name nobody has, and bare."""
 
     def walk(base: type[Event]) -> Iterator[type[Event]]:
         for cls in base.__subclasses__():
@@ -167,10 +168,9 @@ def _event_subjects(approvers: list[str]) -> list[str]:
         subject = getattr(event_type, "subject", None)
         if subject is None:
             continue
-        if issubclass(event_type, ChangeDecision):
-            subjects += [event_type.subject_of(name) for name in [*approvers, "mallory"]]
-        else:
-            subjects.append(subject)
+        if issubclass(event_type, Attributed):
+            subjects += [event_type.subject_of(name) for name in [*senders, "mallory"]]
+        subjects.append(subject)
     return sorted(set(subjects))
 
 
@@ -179,7 +179,7 @@ def _matrix(table: dict[str, Role]) -> list[Act]:
     (a user publishes what it names, acknowledges and dead-letters its own consumers, reads the
     prompts if it is a reader, hears its own inbox), not from the generated allow-lists."""
     approvers = [user.removeprefix("approver-") for user in table if user.startswith("approver-")]
-    events = _event_subjects(approvers)
+    events = _event_subjects([*table, *approvers])
     durables = sorted({consumer for role in table.values() for consumer in role.consumers})
 
     def own(durable: str) -> Callable[[str, Role], bool]:
@@ -276,9 +276,9 @@ async def _answers(server: LocalNats, user: str, acts: list[Act]) -> dict[str, b
 async def test_the_server_answers_every_user_as_the_table_says(
     server_with_a_person: LocalNats,
 ) -> None:
-    """The role-by-subject matrix: each event subject (decisions per approver), each query,
-    dead letters, the prompt bucket, the JetStream API and acknowledgements of every durable,
-    flow control, and every user's inbox, for every user."""
+    """The role-by-subject matrix: each event subject (proposals and decisions per sender),
+    each query, dead letters, the prompt bucket, the JetStream API and acknowledgements of every
+    durable, flow control, and every user's inbox, for every user."""
     table = users(["operator"])
     acts = _matrix(table)
     assert len({f"{a.verb} {a.subject}".lower() for a in acts}) == len(acts)
@@ -509,6 +509,26 @@ async def test_an_approver_decides_under_its_own_name_only(
         assert _refused(
             await _publish_as(server_with_a_person, OPERATOR, kind.subject), kind.subject
         )
+
+
+async def test_a_proposal_is_published_by_the_user_its_subject_names_only(
+    server_with_a_person: LocalNats,
+) -> None:
+    """Issue 9, item 7: the client role could publish a proposal claiming to be the proposer
+    service, or anyone. Now each proposal's subject names its sender and the server lets only
+    that user publish it; approvers decide and never propose."""
+    server = server_with_a_person
+    proposer, client = ChangeProposed.subject_of("proposer"), ChangeProposed.subject_of("client")
+    assert await _publish_as(server, "client", client) == []
+    assert await _publish_as(server, "proposer", proposer) == []
+    assert _refused(await _publish_as(server, "client", proposer), proposer)
+    assert _refused(await _publish_as(server, "proposer", client), client)
+    for user in (OPERATOR, POLICY, "gatekeeper", "executor"):
+        for subject in (client, proposer, ChangeProposed.subject_of(user)):
+            assert _refused(await _publish_as(server, user, subject), subject), (user, subject)
+    for user in ("client", "proposer"):  # the bare subject, as before, names nobody
+        bare = ChangeProposed.subject
+        assert _refused(await _publish_as(server, user, bare), bare), user
 
 
 async def test_wrong_password_is_refused(nats_server: LocalNats) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -20,17 +21,19 @@ from ratchet.audit import (
     GENESIS_HASH,
     MAX_LISTED,
     PUBLIC_KEY_FILE,
+    UNSIGNED,
     AuditKey,
     AuditKeyError,
     AuditSigner,
     TrailReport,
     anchor_of,
+    newest_anchor,
     record_hash,
     seq_ranges,
     verify_chain,
     verify_trail,
 )
-from ratchet.contracts import AuditAnchor
+from ratchet.contracts import AuditAnchor, ChangeRecorded
 from ratchet.store import AuditRecord
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -243,7 +246,7 @@ def test_delete_and_renumber_fails_the_signatures_and_the_anchor() -> None:
 @pytest.mark.parametrize(
     ("signer", "problem"),
     [
-        (None, "unsigned after signed records (signature removed, or added without the key)"),
+        (None, UNSIGNED),
         ("copied", "signature does not match (rewritten or forged after signing)"),
         ("own", "signed by another key (id {mallory!r}), not key {key}"),
     ],
@@ -288,7 +291,49 @@ def test_stripping_every_signature_and_rewriting_is_seen_against_the_anchor() ->
 
     report = verify_trail(forged, KEY, anchor_of(records[-1]))
 
-    assert report.problems == ["seq 4: not the record anchored in the stream (rewritten)"]
+    assert report.problems == [
+        f"seq 1 to 4: {UNSIGNED}",
+        "seq 4: not the record anchored in the stream (rewritten)",
+    ]
+
+
+def test_stripping_every_signature_then_appending_a_forgery_is_named() -> None:
+    """The reviewer's attack: three signed records, the stream anchoring seq 3; every signature
+    stripped and a correctly chained approval by alice appended. Unsigned records were once
+    accepted as "written before signing" whenever no record was signed; now each one counts."""
+    records = chain(3)
+    anchor = anchor_of(records[-1])
+    stripped = [r.model_copy(update={"key_id": None, "signature": None}) for r in records]
+    approval = stripped[-1].model_copy(
+        update={"kind": "approved", "actor": "alice", "payload": {"approver": "alice"}}
+    )
+    forged = rechained([*stripped, approval], start=3)
+
+    report = verify_trail(forged, KEY, anchor)
+    # the gatekeeper, had it not refused, would have signed a record onto the forgery
+    [appended] = rechained([*forged, chain(1)[0]], SIGNER, start=4)[4:]
+    later = verify_trail([*forged, appended], KEY, anchor_of(appended))
+
+    assert verify_chain(forged) == [] and anchor.seq == 3
+    assert report.problems == [f"seq 1 to 4: {UNSIGNED}"]
+    assert report.notes == [
+        "seq 4: newer than the stream's anchor (seq 3), so their signatures alone vouch for "
+        "them, and records cut off after them would not show"
+    ]
+    assert later.problems == [f"seq 1 to 4: {UNSIGNED}"] and later.notes == []
+
+
+def test_an_unsigned_anchor_is_a_problem() -> None:
+    """An anchor counts only signed by the key: one without a signature proves nothing."""
+    records = chain(3)
+    unsigned = anchor_of(records[-1]).model_copy(update={"key_id": None, "signature": None})
+
+    assert verify_trail(records, KEY, unsigned).problems == [
+        "the stream's anchor (seq 3) is unsigned"
+    ]
+    assert verify_trail(records, None, unsigned).problems == [
+        "the stream's anchor (seq 3) is unsigned"
+    ]
 
 
 def test_a_record_signed_by_a_replaced_key_is_named() -> None:
@@ -303,30 +348,30 @@ def test_a_record_signed_by_a_replaced_key_is_named() -> None:
     assert report.problems[1] == f"the stream's anchor (seq 4) is not signed by key {KEY.id}"
 
 
-# --- records from before signing, anchors missing or behind ---------------------------------------
+# --- unsigned records, anchors missing or behind -------------------------------------------------
 
 
-def test_unsigned_records_before_the_first_signed_one_are_noted_not_failed() -> None:
-    legacy = chain(3, signer=None)
-    records = [*legacy, *rechained([*legacy, *chain(2)], SIGNER, start=3)[3:]]
+def test_unsigned_records_are_problems_even_before_signed_ones() -> None:
+    """Nothing tells records written before signing from records whose signatures were removed,
+    so none is accepted unsigned: each is named."""
+    unsigned = chain(3, signer=None)
+    records = [*unsigned, *rechained([*unsigned, *chain(2)], SIGNER, start=3)[3:]]
 
     report = verify_trail(records, KEY, anchor_of(records[-1]))
 
-    assert report.problems == []
-    assert report.notes == [
-        "seq 1 to 3: unsigned, written before records were signed; their hash chain with the "
-        "first signed record after them vouches for them"
-    ]
+    assert report.problems == [f"seq 1 to 3: {UNSIGNED}"]
+    assert report.notes == []
 
 
-def test_a_trail_written_before_signing_is_checked_by_its_chain_and_anchor() -> None:
+def test_a_trail_never_signed_fails_with_or_without_a_key() -> None:
     records = chain(3, signer=None)
+    anchored = anchor_of(chain(3)[-1])  # the same hashes, signed: the anchor itself is valid
 
-    clean = verify_trail(records, KEY, anchor_of(records[-1]))
-    cut = verify_trail(records[:2], KEY, anchor_of(records[-1]))
-
-    assert clean.problems == [] and "alone vouches" in clean.notes[0]
-    assert cut.problems[0].startswith("truncated: the trail ends at seq 2")
+    assert verify_trail(records, KEY, anchored).problems == [f"seq 1 to 3: {UNSIGNED}"]
+    assert verify_trail(records, None, anchored) == TrailReport(
+        problems=[f"seq 1 to 3: {UNSIGNED}"],
+        notes=["no public key: the signatures were not checked"],
+    )
 
 
 def test_a_trail_without_an_anchor_is_a_problem_and_records_after_it_a_note() -> None:
@@ -336,12 +381,20 @@ def test_a_trail_without_an_anchor_is_a_problem_and_records_after_it_a_note() ->
     behind = verify_trail(records, KEY, anchor_of(records[1]))
 
     assert unanchored.problems == [
-        "no anchor of the trail in the RATCHET stream, so its end cannot be checked (the "
-        "gatekeeper anchors its head at start and daily: was the stream recreated?)"
+        "no valid anchor of the trail in the RATCHET stream, so its end cannot be checked (the "
+        "gatekeeper anchors its head with every record, at start and daily)"
     ]
     assert behind == TrailReport(
-        notes=["seq 3 to 4: newer than the stream's anchor (seq 2), covered by their signatures"]
+        notes=[
+            "seq 3 to 4: newer than the stream's anchor (seq 2), so their signatures alone "
+            "vouch for them, and records cut off after them would not show"
+        ]
     )
+    assert verify_trail(records, None, anchor_of(records[2])).notes == [
+        "no public key: the signatures were not checked",
+        "seq 4: newer than the stream's anchor (seq 3), so nothing vouches for them, and "
+        "records cut off after them would not show",
+    ]
 
 
 def test_without_a_key_only_the_chain_and_anchor_are_checked() -> None:
@@ -361,6 +414,80 @@ def test_problem_lists_stay_short() -> None:
         f"and {len(seqs) - MAX_LISTED} more range(s)"
     )
     assert seq_ranges([1, 2, 3, 7, 9, 10]) == "seq 1 to 3, 7, 9 to 10"
+
+
+# --- the anchor in the stream ---------------------------------------------------------------------
+
+
+def recorded(record: AuditRecord) -> bytes:
+    """The ``change.recorded`` the gatekeeper publishes for ``record``, as stored."""
+    event = ChangeRecorded(
+        id=f"{record.change_id}.recorded.{record.seq}",
+        change_id=record.change_id,
+        kind=record.kind,
+        seq=record.seq,
+        head=anchor_of(record),
+    )
+    return event.model_dump_json().encode()
+
+
+async def newest_first(messages: list[bytes]) -> AsyncIterator[tuple[int, bytes]]:
+    """``messages`` (oldest first, at stream seqs 1, 2, ...) as the stream is read back."""
+    for stream_seq in range(len(messages), 0, -1):
+        yield stream_seq, messages[stream_seq - 1]
+
+
+async def test_garbage_on_change_recorded_is_walked_past_to_the_newest_valid_anchor() -> None:
+    """Garbage after the newest anchor once read as "no anchor", and a cut went unseen."""
+    records = chain(3)
+    other, unsigned = AuditSigner.generate(), records[2].model_copy(update={"signature": None})
+    messages = [
+        recorded(records[0]),
+        recorded(records[1]),
+        b"not json",
+        recorded(rechained(records, other)[2]),  # a head signed by another key
+        b'{"records": []}',  # a query's answer, say
+        recorded(unsigned),
+    ]
+
+    reading = await newest_anchor(newest_first(messages), KEY)
+    report = verify_trail(records[:2], KEY, reading.head)
+
+    assert reading.head == anchor_of(records[1]) and not reading.unreadable
+    assert reading.problems == [
+        "change.recorded at stream seq 6: not a valid anchor (its head is unsigned)",
+        "change.recorded at stream seq 3, 5: not a valid anchor (not a change.recorded event "
+        "carrying the trail's head)",
+        f"change.recorded at stream seq 4: not a valid anchor (its head is not signed by key "
+        f"{KEY.id})",
+    ]
+    assert report == TrailReport()  # the trail itself matches the anchor read
+
+
+async def test_a_stream_with_no_valid_anchor_cannot_be_checked() -> None:
+    """Not the same as a stream without any ``change.recorded`` (a new one): that has no anchor
+    yet; this one had anchors and hides them, or the walk's bound ends before one."""
+    garbage = [b"{}"] * 5
+
+    empty = await newest_anchor(newest_first([]), KEY)
+    hidden = await newest_anchor(newest_first([recorded(chain(1)[0]), *garbage]), KEY, limit=5)
+
+    assert (empty.head, empty.unreadable, empty.problems) == (None, False, [])
+    assert hidden.head is None and hidden.unreadable
+    assert hidden.summary() == (
+        "none of the newest 5 change.recorded message(s) in the RATCHET stream is a valid "
+        "anchor (change.recorded at stream seq 2 to 6: not a valid anchor (not a change.recorded "
+        "event carrying the trail's head))"
+    )
+
+
+async def test_without_a_key_the_newest_signed_anchor_is_taken() -> None:
+    records = chain(2)
+    unsigned = recorded(records[1].model_copy(update={"signature": None}))
+
+    reading = await newest_anchor(newest_first([recorded(records[0]), unsigned]), None)
+
+    assert reading.head == anchor_of(records[0])
 
 
 # --- keys ----------------------------------------------------------------------------------------

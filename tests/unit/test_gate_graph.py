@@ -49,6 +49,7 @@ from ratchet_gatekeeper.ledger import GateLedger
 from ratchet_gatekeeper.runner import EarlyDecision, GateRunner
 
 TASK = "fake-task"
+PROPOSER = "client"  # who proposed, as the proposal's subject names it
 BASE = "Answer with the result only."
 GOOD = "Answer with the result only. GOOD: check the arithmetic twice."
 BAD = "Answer with the result only. BAD: round every number."
@@ -307,7 +308,7 @@ def approval(change: ChangeProposed, evidence: str) -> ChangeApproved:
 async def propose_and_approve(h: Harness, change: ChangeProposed) -> ChangeApproved:
     """The proposal, then an approval naming the published evidence; each delivered until it
     succeeds."""
-    await h.deliver(lambda: h.runner.on_proposed(change))
+    await h.deliver(lambda: h.runner.on_proposed(change, proposer=PROPOSER))
     awaiting = h.bus.of_type(ChangeAwaitingApproval)
     assert awaiting, f"no change.awaiting_approval published; errors: {h.errors}"
     decision = approval(change, awaiting[-1].evidence_sha256)
@@ -360,7 +361,7 @@ async def test_good_change_is_measured_superior_approved_applied_verified_kept(
 ) -> None:
     h = harness
     change = proposal(GOOD)
-    await h.runner.on_proposed(change)
+    await h.runner.on_proposed(change, proposer=PROPOSER)
 
     awaiting = h.bus.of_type(ChangeAwaitingApproval)
     assert len(awaiting) == 1
@@ -530,13 +531,13 @@ async def test_decision_on_a_thread_crashed_before_the_gate_is_redelivered(
     h.crash_when = auditing("awaiting_approval")
     change = proposal(GOOD)
     with pytest.raises(InjectedCrash) as crash:
-        await h.runner.on_proposed(change)
+        await h.runner.on_proposed(change, proposer=PROPOSER)
     h.errors.append(crash.value)
     decision = approval(change, h.bus.of_type(ChangeAwaitingApproval)[0].evidence_sha256)
     with pytest.raises(EarlyDecision):
         await h.runner.on_decision(decision, approved=True, approver="alice")
     assert h.prompts.writes == []
-    await h.runner.on_proposed(change)  # redelivered proposal
+    await h.runner.on_proposed(change, proposer=PROPOSER)  # redelivered proposal
     assert (
         await h.runner.on_decision(decision, approved=True, approver="alice") is True
     )  # redelivered decision
@@ -605,7 +606,7 @@ async def test_non_idempotent_side_effects_are_caught(
     try:
         h.crash_when = CRASHES[point][0]
         change = proposal(CRASHES[point][1])
-        await h.deliver(lambda: h.runner.on_proposed(change))
+        await h.deliver(lambda: h.runner.on_proposed(change, proposer=PROPOSER))
         decision = approval(change, h.bus.of_type(ChangeAwaitingApproval)[-1].evidence_sha256)
         await h.deliver(lambda: h.runner.on_decision(decision, approved=True, approver="alice"))
         with pytest.raises(AssertionError):
@@ -624,7 +625,7 @@ async def test_decision_before_the_evidence_exists_is_refused_and_audited(
     h = harness
     h.bus.hold = asyncio.Event()  # scores arrive only when released
     change = proposal(GOOD)
-    proposed = asyncio.create_task(h.runner.on_proposed(change))
+    proposed = asyncio.create_task(h.runner.on_proposed(change, proposer=PROPOSER))
     async with asyncio.timeout(5):
         while not h.bus.requests:
             await asyncio.sleep(0.01)
@@ -650,7 +651,7 @@ async def test_decision_naming_other_evidence_is_refused_and_the_change_still_wa
 ) -> None:
     h = harness
     change = proposal(GOOD)
-    await h.runner.on_proposed(change)
+    await h.runner.on_proposed(change, proposer=PROPOSER)
     evidence = h.bus.of_type(ChangeAwaitingApproval)[0].evidence_sha256
 
     wrong = approval(change, "f" * 64)
@@ -690,15 +691,75 @@ async def test_decision_for_an_unknown_change_is_refused_and_audited(harness: Ha
     assert len(h.bus.of_type(ChangeRecorded)) == len(h.bus.events)
 
 
+# --- who proposed ---------------------------------------------------------------------------------
+
+
+async def test_the_proposer_is_the_one_the_subject_named_and_the_first_one_stays(
+    harness: Harness,
+) -> None:
+    """The received record holds the proposal as it arrived, by the proposer the runner was
+    given (the subject's token); the same change id proposed again by someone else changes
+    nothing of the change."""
+    h = harness
+    change = proposal(GOOD)
+    await h.runner.on_proposed(change, proposer=PROPOSER)
+    await h.runner.on_proposed(change, proposer="proposer")  # a copy, from another sender
+
+    [received] = [r for r in await h.store.audit(change.change_id) if r.kind == "received"]
+    assert received.actor == PROPOSER
+    assert received.payload == change.model_dump(mode="json")  # and it names nobody
+    assert "proposer" not in received.payload
+    assert len(h.bus.of_type(ChangeAwaitingApproval)) == 1
+
+
+async def test_a_thread_checkpointed_with_the_old_body_claim_still_finishes(
+    harness: Harness,
+) -> None:
+    """A change that waited at the gate across the upgrade holds the body's old ``proposer``
+    field in its checkpoint: the nodes after the decision drop it (it was never proof)."""
+    h = harness
+    change = proposal(GOOD)
+    await h.runner.on_proposed(change, proposer=PROPOSER)
+    legacy = {**change.model_dump(mode="json"), "proposer": "cli:mallory"}
+    await h.runner.graph.aupdate_state(
+        h.runner.config(change.change_id), {"change": legacy}, as_node="ask"
+    )
+    assert (await h.runner.status(change.change_id))[1] == ("decide",)
+
+    evidence = h.bus.of_type(ChangeAwaitingApproval)[0].evidence_sha256
+    decision = approval(change, evidence)
+    assert await h.runner.on_decision(decision, approved=True, approver="alice") is True
+    assert await h.kinds(change.change_id) == KEPT
+    trail = await h.store.audit(change.change_id)
+    assert "mallory" not in str([(r.actor, r.payload) for r in trail])
+
+
 # --- 5: non-inferiority --------------------------------------------------------------------------
 
 
 async def test_same_text_under_a_margin_is_measured_non_inferior(harness: Harness) -> None:
     h = harness
-    await h.runner.on_proposed(proposal(BASE, margin=0.05))
+    await h.runner.on_proposed(proposal(BASE, margin=0.05), proposer=PROPOSER)
     evidence = h.bus.of_type(ChangeAwaitingApproval)[0].measurement
     assert evidence.test == "non-inferiority" and evidence.margin == 0.05
     assert evidence.verdict == "non_inferior"
     assert evidence.lift == 0.0 and evidence.fixed == [] and evidence.broken == []
     assert evidence.stopped_at < len(LOOKS)
     assert h.prompts.writes == []
+
+
+async def test_the_policy_approver_cannot_approve_a_change_under_a_margin(
+    harness: Harness,
+) -> None:
+    """Held by the gatekeeper, whatever the policy approver's own rule says: a person decides."""
+    h = harness
+    change = proposal(BASE, margin=0.05)
+    await h.runner.on_proposed(change, proposer=PROPOSER)
+    evidence = h.bus.of_type(ChangeAwaitingApproval)[0].evidence_sha256
+
+    decision = approval(change, evidence)
+    assert await h.runner.on_decision(decision, approved=True, approver="policy") is False
+    refused = [r for r in await h.store.audit(change.change_id) if r.kind == "decision_refused"]
+    assert len(refused) == 1 and "needs a person" in refused[0].payload["why"]
+    assert h.prompts.writes == [] and (await h.runner.status(change.change_id))[1] == ("decide",)
+    assert await h.runner.on_decision(decision, approved=True, approver="alice") is True

@@ -1,6 +1,7 @@
 """The gatekeeper's side of the audit trail, without NATS: it signs what it appends, announces
 the trail's head with every step, and refuses to extend or re-anchor a trail that no longer
-matches the newest anchor in the stream (played here by the last event it published)."""
+matches the newest valid anchor in the stream (played here by what it published, and whatever
+else lands on ``change.recorded``), whose head it did not sign, or that it cannot check."""
 
 from __future__ import annotations
 
@@ -14,12 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from ratchet.audit import AuditSigner, anchor_of, verify_trail
-from ratchet.contracts import AuditAnchor, ChangeRecorded, Event
+from ratchet.audit import (
+    AnchorReading,
+    AuditKey,
+    AuditSigner,
+    anchor_of,
+    newest_anchor,
+    verify_trail,
+)
+from ratchet.contracts import ChangeRecorded, Event
 from ratchet.prompts import PromptRecord, PromptVersion
 from ratchet.rules import load_rules
 from ratchet.settings import REPO_ROOT, GateSettings
-from ratchet.store import open_store
+from ratchet.store import AuditRecord, open_store
 from ratchet_gatekeeper.app import (
     REANCHOR_EVERY_S,
     REANCHOR_RETRY_S,
@@ -42,19 +50,27 @@ class NoPrompts:
 
 @dataclass
 class Stream:
-    """The events stream as far as the trail is concerned: what was published, and the newest
-    ``change.recorded`` as the anchor."""
+    """The events stream as far as the trail is concerned: what the gatekeeper published, every
+    message on ``change.recorded`` (anything else that got there too), and the anchor read back
+    from them as the gatekeeper reads it, with its key."""
 
+    key: AuditKey
     events: list[ChangeRecorded] = field(default_factory=list)
+    recorded: list[bytes] = field(default_factory=list)
     published: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def publish(self, event: Event) -> None:
         assert isinstance(event, ChangeRecorded)
         self.events.append(event)
+        self.recorded.append(event.model_dump_json().encode())
         self.published.set()
 
-    async def newest_anchor(self) -> AuditAnchor | None:
-        return self.events[-1].head if self.events else None
+    async def newest_anchor(self) -> AnchorReading:
+        async def newest_first() -> AsyncIterator[tuple[int, bytes]]:
+            for stream_seq in range(len(self.recorded), 0, -1):
+                yield stream_seq, self.recorded[stream_seq - 1]
+
+        return await newest_anchor(newest_first(), self.key)
 
 
 @dataclass
@@ -69,12 +85,23 @@ class Trail:
         with closing(sqlite3.connect(self.db)) as conn, conn:
             conn.execute("DELETE FROM audit WHERE seq >= ?", (seq,))
 
+    def strip_signatures(self, from_seq: int = 1) -> None:
+        """Remove the signatures, as anyone with the file can."""
+        with closing(sqlite3.connect(self.db)) as conn, conn:
+            conn.execute(
+                "UPDATE audit SET key_id = NULL, signature = NULL WHERE seq >= ?", (from_seq,)
+            )
+
+    async def records(self) -> list[int]:
+        return [r.seq for r in await self.gate.store.audit()]
+
 
 @pytest.fixture
 async def trail(tmp_path: Path) -> AsyncIterator[Trail]:
     ledger = await GateLedger.open(tmp_path / "gatekeeper-runs.db")
     db = tmp_path / "ratchet.db"
-    stream, signer = Stream(), AuditSigner.generate()
+    signer = AuditSigner.generate()
+    stream = Stream(key=signer.key)
     async with open_store(f"sqlite:///{db}") as store:
         gate = Gate(
             store=store,
@@ -174,9 +201,113 @@ async def test_the_running_gatekeeper_reports_a_cut_trail_and_anchors_nothing(
 
 
 async def test_a_failed_anchoring_is_tried_again_soon(trail: Trail) -> None:
-    async def unreachable() -> AuditAnchor | None:
+    async def unreachable() -> AnchorReading:
         raise TimeoutError("NATS is away")
 
     trail.gate.newest_anchor = unreachable
 
     assert await anchor_once(trail.gate) == REANCHOR_RETRY_S
+
+
+# --- the attacks of the review: stripped signatures, garbage over the anchor ----------------------
+
+
+async def test_a_head_whose_signature_was_stripped_is_not_extended(trail: Trail) -> None:
+    """Its hash still matches the anchor; only the signature is gone. Signing onto it would
+    chain the gatekeeper's next record to a record it no longer vouches for."""
+    for kind in ("received", "measured"):
+        await trail.gate.audit("c1", kind, {})
+    trail.strip_signatures(from_seq=2)
+    announced = len(trail.stream.events)
+
+    with pytest.raises(TrailTampered, match="seq 2: its signature was removed or replaced"):
+        await trail.gate.audit("c1", "approved", {})
+    with pytest.raises(TrailTampered):
+        await trail.gate.reanchor()
+
+    assert await trail.records() == [1, 2] and len(trail.stream.events) == announced
+
+
+async def test_a_forgery_appended_to_a_stripped_trail_is_not_extended(trail: Trail) -> None:
+    """The reviewer's attack: every signature stripped, a correctly chained approval by alice
+    appended after the anchored head. Its hash check passed; its signature check does not."""
+    for kind in ("received", "measured", "awaiting_approval"):
+        await trail.gate.audit("c1", kind, {"task": "t"})
+    trail.strip_signatures()
+    forged = await trail.gate.store.append_audit(
+        "c1", "approved", "alice", {"approver": "alice"}, signer=AuditSigner.generate()
+    )
+    trail.strip_signatures(from_seq=forged.seq)
+
+    with pytest.raises(TrailTampered, match="seq 3: its signature was removed or replaced"):
+        await trail.gate.audit("c1", "applied", {})
+    # an unsigned anchor of the forgery on change.recorded is no anchor: read past, to seq 3
+    trail.stream.recorded.append(recorded_at(forged))
+    with pytest.raises(TrailTampered, match="seq 3: its signature was removed or replaced"):
+        await trail.gate.audit("c1", "applied", {})
+
+    assert await trail.records() == [1, 2, 3, 4]
+
+
+async def test_a_head_never_anchored_must_be_signed_too(trail: Trail) -> None:
+    """A forged record after the anchored one: the anchor holds, the head does not."""
+    await trail.gate.audit("c1", "received", {})
+    await trail.gate.store.append_audit(
+        "c1", "approved", "alice", {}, signer=AuditSigner.generate()
+    )
+
+    with pytest.raises(TrailTampered, match="newest record, seq 2, is not signed by this"):
+        await trail.gate.audit("c1", "applied", {})
+
+
+async def test_garbage_over_the_anchor_does_not_hide_a_cut(trail: Trail) -> None:
+    """The newest ``change.recorded`` unreadable once meant "no anchor": records cut off, then
+    garbage on the subject, and the gatekeeper reused the removed seqs. It reads back past it
+    to the newest valid anchor now."""
+    for kind in ("received", "measured", "awaiting_approval"):
+        await trail.gate.audit("c1", kind, {})
+    trail.delete_from(2)
+    trail.stream.recorded += [b"garbage", b'{"records": []}']
+
+    with pytest.raises(TrailTampered, match="trail ends at seq 1, but the stream anchored seq 3"):
+        await trail.gate.audit("c1", "approved", {})
+
+    assert await trail.records() == [1]
+
+
+async def test_a_stream_holding_no_valid_anchor_stops_the_trail(trail: Trail) -> None:
+    """Messages on ``change.recorded`` but none a valid anchor: nothing to check against, so
+    nothing written (a new, empty stream is another matter: it has no anchor yet)."""
+    await trail.gate.audit("c1", "received", {})
+    trail.stream.recorded[:] = [b"garbage"]
+
+    with pytest.raises(TrailTampered, match="cannot be checked against its anchor in the stream"):
+        await trail.gate.audit("c1", "measured", {})
+    with pytest.raises(TrailTampered):
+        await trail.gate.reanchor()
+
+    assert await trail.records() == [1]
+
+
+async def test_garbage_behind_a_holding_anchor_changes_nothing(trail: Trail) -> None:
+    """The anchor read back holds: the trail goes on, and the next anchor is valid again."""
+    await trail.gate.audit("c1", "received", {})
+    trail.stream.recorded.append(b"garbage")
+
+    await trail.gate.audit("c1", "measured", {})
+
+    reading = await trail.stream.newest_anchor()
+    assert await trail.records() == [1, 2]
+    assert reading.head is not None and reading.head.seq == 2 and reading.problems == []
+
+
+def recorded_at(record: AuditRecord) -> bytes:
+    """An announcement of ``record`` as the stream would store it."""
+    event = ChangeRecorded(
+        id=f"{record.change_id}.recorded.{record.seq}",
+        change_id=record.change_id,
+        kind=record.kind,
+        seq=record.seq,
+        head=anchor_of(record),
+    )
+    return event.model_dump_json().encode()

@@ -199,7 +199,7 @@ BIGGEST: dict[str, Callable[[], BaseModel]] = {
         ]
         * GROUPS,
         failure_run_ids=[ident(RUN_ID_CHARS)] * FAILURE_RUN_IDS,
-        proposer=text(NAME_CHARS),
+        model=text(NAME_CHARS),
     ),
     "change.awaiting_approval": lambda: ChangeAwaitingApproval(
         id=ident(ID_CHARS),

@@ -16,12 +16,20 @@ from typing import Any
 import bcrypt
 import pytest
 
-from ratchet.contracts import ChangeApproved, ChangeDecision, ChangeRejected, Event
+from ratchet.contracts import (
+    Attributed,
+    ChangeApproved,
+    ChangeProposed,
+    ChangeRejected,
+    Event,
+)
 from ratchet.messaging import EVENTS_STREAM, PROMPTS_BUCKET, QUERY_PREFIX
 from ratchet.natsconf import (
     ADMIN,
+    CLIENT,
     EVERY_QUERY,
     POLICY_APPROVER,
+    PROPOSER,
     ROLES,
     approver_name,
     approver_user,
@@ -130,6 +138,32 @@ def test_each_approver_may_publish_only_its_own_decisions(
         name = approver_name(user)
         expected = [] if name is None else [f"change.approved.{name}", f"change.rejected.{name}"]
         assert decisions == expected, user
+
+
+def test_each_proposing_user_may_publish_only_its_own_proposals(
+    users_: dict[str, dict[str, Any]],
+) -> None:
+    """Issue 9: the client could publish a proposal naming the proposer service (or anyone) as
+    its author. Each proposal's subject names its sender, and only that user may publish it;
+    approvers decide and never propose."""
+    for user in (PROPOSER, CLIENT):
+        assert publishers(users_, ChangeProposed.subject_of(user)) == {user}
+    for user in TABLE:
+        proposals = [s for s in publish_allow(users_, user) if s.startswith("change.proposed")]
+        expected = [ChangeProposed.subject_of(user)] if user in (PROPOSER, CLIENT) else []
+        assert proposals == expected, user
+
+
+def test_the_gatekeeper_hears_every_proposer_on_a_durable_of_its_own(
+    users_: dict[str, dict[str, Any]],
+) -> None:
+    """A new filter needs a new durable: JetStream keeps an existing durable's filter, so the
+    old ``gatekeeper-proposed`` on ``change.proposed`` would never see ``change.proposed.*``."""
+    consumers = dict(TABLE["gatekeeper"].consumers)
+    assert consumers["gatekeeper-proposals"] == "change.proposed.*"
+    assert "gatekeeper-proposed" not in consumers
+    allow = publish_allow(users_, "gatekeeper")
+    assert "dlq.change.proposed.*" in allow  # a malformed proposal is dead-lettered with its reason
 
 
 def test_no_user_has_a_wildcard_over_event_subjects(users_: dict[str, dict[str, Any]]) -> None:
@@ -282,8 +316,8 @@ APPS = list(_apps())
 
 
 def test_every_event_subject_has_a_publisher_in_the_table() -> None:
-    """A new event cannot be added without deciding who may publish it (decisions: each
-    approver, on its own subject)."""
+    """A new event cannot be added without deciding who may publish it (proposals and
+    decisions: each sender, on its own subject)."""
     for event_type in _event_types():
         subject = getattr(event_type, "subject", None)
         if subject is None:  # a base class (a decision, an outcome)
@@ -293,7 +327,7 @@ def test_every_event_subject_has_a_publisher_in_the_table() -> None:
             for user, role in TABLE.items()
             for allowed in role.publish
             if allowed == subject
-            or (issubclass(event_type, ChangeDecision) and allowed.startswith(f"{subject}."))
+            or (issubclass(event_type, Attributed) and allowed.startswith(f"{subject}."))
         }
         assert named, f"{event_type.__name__} ({subject}): no user may publish it"
 

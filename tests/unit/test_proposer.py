@@ -145,6 +145,15 @@ def test_a_reply_without_rationale_says_so() -> None:
     assert parse_proposal(reply("Be brief.")) == ("Be brief.", "(the model gave no rationale)")
 
 
+def test_blocks_are_found_in_linear_time_whatever_the_reply() -> None:
+    """A reply of 200,000 unclosed opening tags (quadratic for a non-greedy regex: seconds on the
+    event loop) is refused at once; blocks after it still count, each up to its first close."""
+    flood = "<prompt>" * 200_000
+    with pytest.raises(ProposalRefused, match="no complete <prompt>"):
+        parse_proposal(flood)
+    assert parse_proposal("<prompt>a</prompt>" + flood) == ("a", "(the model gave no rationale)")
+
+
 def test_an_overlong_rationale_is_cut() -> None:
     rationale = parse_proposal(reply("Be brief.", "why " * 1000))[1]
 
@@ -334,7 +343,7 @@ async def test_propose_uses_the_model_and_the_stored_failures(
     assert change.base_version == 4
     assert change.failure_run_ids == ["r1", "r2", "r3"]
     assert sum(g.size for g in change.groups) == 3
-    assert change.proposer == "proposer:scripted:proposer-fix"
+    assert change.model == "scripted:proposer-fix"  # what wrote it; who proposed is the subject
     assert change.id == f"{change.change_id}.proposed"
     newest = max(r.logged_at for r in await store.failures(FailureQuery(task=TASK)))
     assert proposal.failures_until == newest

@@ -67,6 +67,20 @@ def test_task_comes_from_whichever_record_names_it() -> None:
     assert (summary.task, summary.status) == ("answer-only", "rejected")
 
 
+def test_the_proposer_is_the_actor_of_the_received_record() -> None:
+    """Who proposed is the name the gatekeeper recorded from the proposal's subject, never a
+    name a record's payload carries."""
+    records = trail(
+        ("a", "received", {"task": "t", "proposer": "mallory"}),
+        ("b", "measured", {"diff": 0.0}),
+    )
+    records[0] = records[0].model_copy(update={"actor": "client"})
+
+    summaries = {s.change_id: s.proposer for s in summarize(records)}
+
+    assert summaries == {"a": "client", "b": "?"}
+
+
 def test_change_without_a_task_shows_a_placeholder() -> None:
     [summary] = summarize(trail(("a", "measured", {"diff": 0.0})))
 

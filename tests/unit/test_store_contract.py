@@ -25,6 +25,7 @@ import pytest
 
 from ratchet.audit import (
     GENESIS_HASH,
+    UNSIGNED,
     AuditSigner,
     TrailReport,
     anchor_of,
@@ -492,7 +493,8 @@ async def test_a_trail_from_before_signing_reads_unsigned_and_continues_signed(
     tmp_path: Path,
 ) -> None:
     """A SQLite file written before records were signed: its table gains the new columns, its
-    records read back unsigned (reported as such), and new records chain onto them, signed."""
+    records read back unsigned (each one a problem: nothing tells them from records whose
+    signatures were removed), and new records chain onto them, signed."""
     path = tmp_path / "ratchet.db"
     prev_hash = GENESIS_HASH
     with contextlib.closing(sqlite3.connect(path)) as db, db:
@@ -514,11 +516,8 @@ async def test_a_trail_from_before_signing_reads_unsigned_and_continues_signed(
     assert [(r.seq, r.signature) for r in old] == [(1, None), (2, None)]
     assert (new.seq, new.prev_hash) == (3, old[-1].hash)
     report = verify_trail(trail, SIGNER.key, anchor_of(new))
-    assert report.problems == []
-    assert report.notes == [
-        "seq 1 to 2: unsigned, written before records were signed; their hash chain with the "
-        "first signed record after them vouches for them"
-    ]
+    assert report.problems == [f"seq 1 to 2: {UNSIGNED}"]
+    assert report.notes == []
 
 
 # --- durability ---------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def record(kind: str, payload: dict[str, object], seq: int = 1) -> AuditRecord:
 TRAIL = [
     record(
         "received",
-        {"task": MARKUP, "base_version": 1, "proposer": HOSTILE, "rationale": HOSTILE},
+        {"task": MARKUP, "base_version": 1, "model": HOSTILE, "rationale": HOSTILE},
     ),
     record("measured", measurement(fixed=[MARKUP]).model_dump(mode="json"), seq=2),
     record("awaiting_approval", {"prompt_diff": f"-old\n+{HOSTILE}"}, seq=3),
@@ -128,7 +128,11 @@ TABLES: dict[str, Callable[[], RenderableType]] = {
     "trace": lambda: trace_table(failure_record()),
     "groups": lambda: groups_table([FailureGroup(label=HOSTILE, size=2, run_ids=[MARKUP])]),
     "changes": lambda: changes_table(
-        [ChangeSummary(change_id=MARKUP, task=HOSTILE, status=MARKUP, updated_at=NOW)]
+        [
+            ChangeSummary(
+                change_id=MARKUP, task=HOSTILE, status=MARKUP, updated_at=NOW, proposer=HOSTILE
+            )
+        ]
     ),
     "trail": lambda: trail_table(TRAIL),
     "audit": lambda: audit_table(TRAIL),

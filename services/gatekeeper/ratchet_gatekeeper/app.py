@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 
@@ -16,9 +16,8 @@ from faststream.specification import AsyncAPI
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from nats.js import JetStreamContext
 
-from ratchet.audit import SIGNING_KEY_FILE, AuditSigner, read_anchor
+from ratchet.audit import SIGNING_KEY_FILE, AuditKey, AuditSigner, read_anchor
 from ratchet.contracts import (
-    AuditAnchor,
     ChangeApplied,
     ChangeApproved,
     ChangeAwaitingApproval,
@@ -54,6 +53,7 @@ from ratchet.settings import Settings, get_settings
 from ratchet.store import open_store
 from ratchet.suites import Suite, load_suites
 from ratchet_gatekeeper.graph import (
+    AnchorReader,
     Gate,
     PromptStoreAccess,
     TrailTampered,
@@ -124,7 +124,7 @@ def build_app(
             prompt_store, newest_anchor = (
                 (prompts, None)
                 if prompts
-                else await _open_prompt_store_and_anchor(settings, suites, resources)
+                else await _open_prompt_store_and_anchor(settings, suites, resources, signer.key)
             )
             gate = Gate(
                 store=trail,
@@ -157,11 +157,18 @@ def build_app(
             raise RuntimeError("the gatekeeper app has not started")
         return runner
 
+    # Who proposed is the subject's last token, which only that NATS user may publish
+    # (natsconf), never a name from the body. JetStream keeps an existing durable's filter, so
+    # the new filter came with a new durable name (it was gatekeeper-proposed, change.proposed).
     @durable_subscriber(
-        broker, ChangeProposed.subject, durable="gatekeeper-proposed", settings=settings
+        broker,
+        ChangeProposed.subject_of("{proposer}"),
+        durable="gatekeeper-proposals",
+        settings=settings,
+        description="Proposals; the subject names the proposer the server authenticated.",
     )
-    async def on_proposed(change: ChangeProposed) -> None:
-        await started().on_proposed(change)
+    async def on_proposed(change: ChangeProposed, proposer: str = Path()) -> None:
+        await started().on_proposed(change, proposer=proposer)
 
     @durable_subscriber(
         broker,
@@ -228,23 +235,18 @@ def build_app(
 
 
 async def _open_prompt_store_and_anchor(
-    settings: Settings, suites: dict[str, Suite], resources: AsyncExitStack
-) -> tuple[KvPrompts, Callable[[], Awaitable[AuditAnchor | None]]]:
+    settings: Settings, suites: dict[str, Suite], resources: AsyncExitStack, key: AuditKey
+) -> tuple[KvPrompts, AnchorReader]:
     """The prompt store on the gatekeeper's own connection (closed with ``resources``), with each
     suite's prompt seeded as its task's first version; and a reader of the audit trail's newest
-    anchor in the events stream, on the same connection."""
+    anchor signed with ``key`` in the events stream, on the same connection."""
     connection = await connect(settings, name="gatekeeper-prompts")
     resources.push_async_callback(connection.close)
     js = connection.jetstream()
     writer = await PromptWriter.connect(js)
     for suite in suites.values():
         await writer.seed(suite.name, PromptRecord(text=suite.prompt, kind="initial"))
-    return KvPrompts(js, writer), partial(_newest_anchor, js)
-
-
-async def _newest_anchor(js: JetStreamContext) -> AuditAnchor | None:
-    event = await read_anchor(js)
-    return event.head if event else None
+    return KvPrompts(js, writer), partial(read_anchor, connection, key)
 
 
 async def keep_anchored(gate: Gate) -> None:

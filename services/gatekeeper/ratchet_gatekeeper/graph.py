@@ -32,9 +32,8 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Checkpointer, interrupt
 
-from ratchet.audit import AuditSigner, anchor_of, anchor_problem
+from ratchet.audit import AnchorReading, AuditSigner, anchor_of, anchor_problem, signed_by
 from ratchet.contracts import (
-    AuditAnchor,
     ChangeApplied,
     ChangeAwaitingApproval,
     ChangeKept,
@@ -62,17 +61,19 @@ log = logging.getLogger("ratchet.gatekeeper")
 
 ACTOR = "gatekeeper"
 Arm = Literal["current", "candidate"]
-AnchorReader = Callable[[], Awaitable[AuditAnchor | None]]
+AnchorReader = Callable[[], Awaitable[AnchorReading]]
 
 
 class TrailTampered(RuntimeError):
     """The audit trail no longer matches its newest anchor in the stream (records were cut off
-    or rewritten behind the gatekeeper's back): it is neither extended nor anchored again, since
-    either would hide what happened."""
+    or rewritten behind the gatekeeper's back), its head is not signed by the gatekeeper, or the
+    stream holds no valid anchor to check it against: it is neither extended nor anchored again,
+    since either would hide what happened or vouch for what the gatekeeper never wrote."""
 
 
 class ChangeState(TypedDict, total=False):
     change: dict[str, Any]
+    proposer: str  # who proposed: the NATS user the proposal's subject names
     status: str
     problems: list[str]
     base_prompt: str
@@ -82,6 +83,13 @@ class ChangeState(TypedDict, total=False):
     decision: dict[str, Any]
     applied_version: int
     outcome: dict[str, Any]
+
+
+def _change(state: ChangeState) -> ChangeProposed:
+    """The change a thread works on. A thread checkpointed before proposals were named by their
+    subject still holds the body's ``proposer`` claim: dropped, it was never proof of anything."""
+    fields = {k: v for k, v in state["change"].items() if k != "proposer"}
+    return ChangeProposed.model_validate(fields)
 
 
 class PromptStoreAccess(Protocol):
@@ -131,7 +139,7 @@ class Gate:
         newest_anchor: AnchorReader | None = None,
     ) -> None:
         """``signer`` signs every audit record; ``newest_anchor`` reads the trail's newest
-        anchor from the stream (None where there is no stream: the in-memory tests)."""
+        valid anchor from the stream (None where there is no stream: the in-memory tests)."""
         self.store = store
         self.ledger = ledger
         self.prompts = prompts
@@ -195,19 +203,34 @@ class Gate:
         )
 
     async def _check_anchor(self) -> None:
-        """The trail still holds the record the stream's newest anchor names, unchanged. Without
-        this check, records cut off behind the gatekeeper's back would be replaced by new ones
-        under the same seqs, and the next anchor would hide the cut."""
-        anchor = await self.newest_anchor() if self.newest_anchor else None
-        if anchor is None:
-            return
-        head = await self.store.audit_head()
-        problem = anchor_problem(
-            anchor, await self.store.audit_at(anchor.seq), head.seq if head else 0
-        )
-        if problem:
+        """Before the trail is extended or anchored again: the stream's newest valid anchor
+        still names a record of the trail, unchanged and signed, and the trail's head is signed
+        by this gatekeeper. Otherwise records cut off behind its back would be replaced by new
+        ones under the same seqs (and the next anchor hide the cut), or its next record would
+        chain onto one it never wrote. A stream whose ``change.recorded`` holds no valid anchor
+        among its newest messages cannot be checked against, so nothing is written then either."""
+        reading = await self.newest_anchor() if self.newest_anchor else AnchorReading()
+        if reading.unreadable:
             raise TrailTampered(
-                f"the audit trail does not match its anchor in the stream: {problem}; see "
+                f"the audit trail cannot be checked against its anchor in the stream: "
+                f"{reading.summary()}; see `ratchet audit --verify`"
+            )
+        head = await self.store.audit_head()
+        anchor, key = reading.head, self.signer.key
+        if anchor is not None:
+            anchored = await self.store.audit_at(anchor.seq)
+            problem = anchor_problem(anchor, anchored, head.seq if head else 0)
+            if problem is None and anchored is not None and not signed_by(anchored, key):
+                problem = f"seq {anchor.seq}: its signature was removed or replaced"
+            if problem:
+                raise TrailTampered(
+                    f"the audit trail does not match its anchor in the stream: {problem}; see "
+                    "`ratchet audit --verify`"
+                )
+        if head is not None and not signed_by(head, key):
+            raise TrailTampered(
+                f"the audit trail's newest record, seq {head.seq}, is not signed by this "
+                f"gatekeeper's key {key.id} (forged, or its signature removed); see "
                 "`ratchet audit --verify`"
             )
 
@@ -324,8 +347,10 @@ class Gate:
     # --- nodes ----------------------------------------------------------------------------------
 
     async def validate_node(self, state: ChangeState) -> ChangeState:
-        change = ChangeProposed.model_validate(state["change"])
-        await self.audit(change.change_id, "received", change.model_dump(mode="json"))
+        change = _change(state)
+        # the proposal as it arrived, by the proposer the server authenticated
+        received = change.model_dump(mode="json")
+        await self.audit(change.change_id, "received", received, actor=state["proposer"])
         current = await self.prompts.current(change.task)
         problems = validate(
             change, current_version=current.version if current else None, rules=self.rules
@@ -343,7 +368,7 @@ class Gate:
         }
 
     async def measure_node(self, state: ChangeState) -> ChangeState:
-        change = ChangeProposed.model_validate(state["change"])
+        change = _change(state)
         suite = self.suites[change.task]
         g = self.settings
         design = design_for_pool(
@@ -421,7 +446,7 @@ class Gate:
         }
 
     async def ask_node(self, state: ChangeState) -> ChangeState:
-        change = ChangeProposed.model_validate(state["change"])
+        change = _change(state)
         awaiting = ChangeAwaitingApproval(
             id=f"{change.change_id}.awaiting",
             change_id=change.change_id,
@@ -454,7 +479,7 @@ class Gate:
         return {"status": status, "decision": decision}
 
     async def apply_node(self, state: ChangeState) -> ChangeState:
-        change = ChangeProposed.model_validate(state["change"])
+        change = _change(state)
         current = await self.prompts.current(change.task)
         if current is not None and current.record.change_id == change.change_id:
             version = current.version  # this node ran before the restart: already written
@@ -487,7 +512,7 @@ class Gate:
     async def verify_node(self, state: ChangeState) -> ChangeState:
         """Fresh cases, a concurrent control, and the executors' own version: never the arm the
         decision was selected on."""
-        change = ChangeProposed.model_validate(state["change"])
+        change = _change(state)
         version = state["applied_version"]
         measurement = Measurement.model_validate(state["measurement"])
         order = self.pool_order(change, state["nonce"])
@@ -546,7 +571,7 @@ class Gate:
     async def holdout_node(self, state: ChangeState) -> ChangeState:
         """The sealed holdout, after a keep: the real lift, and a warning when it contradicts the
         gate's own lower bound (the pool may be overfit by repeated proposals)."""
-        change = ChangeProposed.model_validate(state["change"])
+        change = _change(state)
         holdout = self.suites[change.task].holdout[: self.settings.holdout_cases]
         if not holdout:
             return {"status": "kept"}

@@ -12,6 +12,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
 from ratchet.contracts import ChangeDecision, ChangeProposed
+from ratchet.natsconf import POLICY_APPROVER
 from ratchet_gatekeeper.graph import Gate
 
 log = logging.getLogger("ratchet.gatekeeper")
@@ -39,15 +40,17 @@ class GateRunner:
         snapshot = await self.graph.aget_state(self.config(change_id))
         return dict(snapshot.values), tuple(snapshot.next)
 
-    async def on_proposed(self, change: ChangeProposed) -> None:
-        """Run a new change up to the approval gate; a redelivered proposal resumes a thread a
-        crash interrupted, and is ignored once the thread waits for its decision or is done."""
+    async def on_proposed(self, change: ChangeProposed, *, proposer: str) -> None:
+        """Run a new change up to the approval gate. ``proposer``: who proposed, as the server
+        authenticated it (the proposal's subject). A redelivered proposal resumes a thread a
+        crash interrupted, and is ignored once the thread waits for its decision or is done. A
+        proposal reusing an existing change's id, whoever sends it, changes nothing of that
+        change: it stays its first proposer's."""
         async with self.locks[change.change_id]:
             values, pending = await self.status(change.change_id)
             if not values:
-                await self.graph.ainvoke(
-                    {"change": change.model_dump(mode="json")}, self.config(change.change_id)
-                )
+                start = {"change": change.model_dump(mode="json"), "proposer": proposer}
+                await self.graph.ainvoke(start, self.config(change.change_id))
             elif pending and pending != ("decide",):
                 await self.graph.ainvoke(None, self.config(change.change_id))
 
@@ -66,6 +69,11 @@ class GateRunner:
             return await self._refuse(decision, approver, why)
         if decision.evidence_sha256 != evidence:
             why = f"names other evidence than {evidence[:12]}"
+            return await self._refuse(decision, approver, why)
+        if approved and approver == POLICY_APPROVER and values["change"].get("margin", 0) > 0:
+            # held here, not only by the policy approver's own rule: its password sits on every
+            # host that runs `ratchet up`
+            why = "a change with a non-inferiority margin needs a person, not the policy approver"
             return await self._refuse(decision, approver, why)
         async with self.locks[decision.change_id]:
             return await self._decide(decision, approved=approved, approver=approver)

@@ -1,6 +1,7 @@
 """Proposer service: ``failure.logged`` in; once a task has gathered enough new failures (or on
 ``query.propose``), it asks the failure store for them and their groups and publishes one
-``change.proposed``."""
+``change.proposed.proposer``: its own subject, which only its NATS user may publish, so the
+gatekeeper records the proposer service as the change's proposer."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ratchet.messaging import (
     publish,
 )
 from ratchet.models import make_chat_model, model_label
+from ratchet.natsconf import PROPOSER
 from ratchet.prompts import PromptReader, PromptSource
 from ratchet.queries import ProposeReply, ProposeRequest
 from ratchet.settings import Settings, get_settings
@@ -42,7 +44,7 @@ def build_app(
     settings = settings or get_settings()
     model = make_chat_model(settings.proposer, local_port=settings.local_model_port)
     broker = make_broker(settings, name="proposer")
-    proposed = event_publisher(broker, ChangeProposed)
+    proposed = event_publisher(broker, ChangeProposed, subject=ChangeProposed.subject_of(PROPOSER))
     failures = FailureStoreClient(broker)
     task_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
     proposer: Proposer | None = None  # made at start, once the prompt store is watched

@@ -50,8 +50,6 @@ REPLY_FORMAT = (
 )
 REPLY_REMINDER = "Reply with <prompt>the new task prompt</prompt> and <rationale>why</rationale>."
 PLACEHOLDERS = {"the complete new task prompt", "the new task prompt"}  # copied, not written
-_PROMPT_BLOCK = re.compile(r"<prompt>(.*?)</prompt>", re.DOTALL)
-_RATIONALE_BLOCK = re.compile(r"<rationale>(.*?)</rationale>", re.DOTALL)
 _TAG = re.compile(r"</?(prompt|rationale|current_prompt|failures)>")
 
 SYSTEM = f"""You improve the task prompt of an AI agent.
@@ -134,7 +132,7 @@ def parse_proposal(reply: str) -> tuple[str, str]:
     complete ``<prompt>...</prompt>`` block, and a ``<rationale>`` block if there is one. Words
     around the blocks are ignored (small models add them); nothing outside the prompt block can
     become part of the prompt. Any other reply is :class:`ProposalRefused`."""
-    blocks = _PROMPT_BLOCK.findall(reply)
+    blocks = _blocks(reply, "prompt")
     if not blocks:
         raise ProposalRefused(
             "the proposer model's reply has no complete <prompt>...</prompt> block: "
@@ -151,11 +149,27 @@ def parse_proposal(reply: str) -> tuple[str, str]:
         )
     if tag := _TAG.search(prompt):
         raise ProposalRefused(f"the proposed prompt holds a {tag.group()} tag of the reply format")
-    rationales = _RATIONALE_BLOCK.findall(reply)
+    rationales = _blocks(reply, "rationale")
     rationale = rationales[0].strip() if len(rationales) == 1 else ""
     if len(rationale) > MAX_RATIONALE_CHARS:
         rationale = rationale[:MAX_RATIONALE_CHARS] + "…"
     return prompt, rationale or "(the model gave no rationale)"
+
+
+def _blocks(reply: str, tag: str) -> list[str]:
+    """The texts of the complete ``<tag>...</tag>`` blocks, in order (each up to the first
+    closing tag). Found with ``str.find``, in linear time: a non-greedy regex takes quadratic
+    time on a reply full of unclosed opening tags."""
+    opening, closing = f"<{tag}>", f"</{tag}>"
+    found: list[str] = []
+    at = 0
+    while (start := reply.find(opening, at)) != -1:
+        end = reply.find(closing, start + len(opening))
+        if end == -1:
+            break
+        found.append(reply[start + len(opening) : end])
+        at = end + len(closing)
+    return found
 
 
 def _normalised(text: str) -> str:
@@ -252,7 +266,7 @@ class Proposer:
             rationale=rationale,
             groups=groups,
             failure_run_ids=used,
-            proposer=f"proposer:{self.label}",
+            model=self.label,  # a description: who proposed is the subject it goes out on
         )
         return Proposal(change=change, failures_until=newest)
 

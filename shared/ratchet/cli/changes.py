@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from nats.aio.client import Client
@@ -20,6 +20,7 @@ from ratchet.cli.client import (
     fetch_audit,
     fetch_trail,
     open_client,
+    publish_as,
     query,
     send_decision,
 )
@@ -34,7 +35,8 @@ from ratchet.cli.render import (
     trail_table,
 )
 from ratchet.contracts import ChangeProposed
-from ratchet.messaging import QUERY_PREFIX, publish_js
+from ratchet.messaging import QUERY_PREFIX
+from ratchet.natsconf import CLIENT
 from ratchet.prompts import read_current
 from ratchet.queries import (
     ChangesQuery,
@@ -42,6 +44,7 @@ from ratchet.queries import (
     ProposeReply,
     ProposeRequest,
 )
+from ratchet.settings import Settings
 
 
 async def cmd_propose(args: argparse.Namespace) -> int:
@@ -70,31 +73,50 @@ async def propose_own(args: argparse.Namespace) -> int:
     made for another reason than being better (shorter, cheaper), kept if shown no worse."""
     if args.margin is not None and not 0 < args.margin <= 0.2:
         raise ClientError(f"--margin must be above 0 and at most 0.2, got {args.margin}")
-    nc = await open_client(client_settings())
-    try:
+
+    async def own_change(nc: Client) -> ChangeProposed:
         current = await read_current(nc.jetstream(), args.task)
         if current is None:
             raise ClientError(f"no prompt stored for task {args.task!r}")
-        change = ChangeProposed(
+        return ChangeProposed(
             task=args.task,
             base_version=current.version,
             proposed_prompt=args.prompt,
             rationale=args.because,
-            proposer=f"cli:{getpass.getuser()}",
             margin=args.margin or 0.0,
         )
-        await publish_change(nc, change)
-    finally:
-        await nc.close()
+
+    settings = client_settings()
+    change = await publish_change(settings, own_change)
     test = f"non-inferiority, margin {change.margin:.0%}" if change.margin else "superiority"
-    console.print(
-        f"proposed change {change.change_id} ({test} test); the gatekeeper now measures it"
+    plain(
+        f"proposed change {change.change_id} as {proposer_of(settings)} ({test} test); "
+        "the gatekeeper now measures it"
     )
     return 0
 
 
-async def publish_change(nc: Client, change: ChangeProposed) -> None:
-    await publish_js(nc.jetstream(), change, timeout=5)
+def proposer_of(settings: Settings) -> str:
+    """Who a change the CLI proposes is recorded as: the NATS user it logs in as."""
+    return settings.nats_user or CLIENT
+
+
+async def publish_change(
+    settings: Settings, make: Callable[[Client], Awaitable[ChangeProposed]]
+) -> ChangeProposed:
+    """Publish the change ``make`` builds (reading the prompt store first) on the proposals
+    subject of the user the CLI logs in as, the only one that user may publish: the gatekeeper
+    records that user, ``client`` unless the environment names another, as the proposer."""
+    user = proposer_of(settings)
+
+    def may_not_propose(why: str) -> ClientError:
+        return ClientError(
+            f"NATS user {user!r} may not propose changes ({why}): people propose as the "
+            f"{CLIENT!r} user (leave RATCHET_NATS_USER unset)"
+        )
+
+    subject = ChangeProposed.subject_of(user)
+    return await publish_as(settings, make, subject=subject, refused=may_not_propose)
 
 
 async def cmd_changes(args: argparse.Namespace) -> int:
@@ -181,19 +203,20 @@ def verifying_key(pinned: AuditKey | None, sent: str | None) -> tuple[AuditKey |
 async def cmd_audit(args: argparse.Namespace) -> int:
     """The trail as the gatekeeper sends it, checked here: its hash chain, every record's
     signature (with the gatekeeper's key, or one pinned with ``--public-key``), and its end
-    against the newest anchor in the events stream, read from the stream itself. Exit 2 when
-    anything shows tampering."""
+    against the newest anchor in the events stream signed with that key, read from the stream
+    itself (newer messages on ``change.recorded`` that are no such anchor are problems too).
+    Exit 2 when anything shows tampering."""
     pinned = pinned_key(args.public_key) if args.public_key else None
     nc = await open_client(client_settings())
     try:
         records, sent_key = await fetch_audit(nc)
-        anchor = await fetch_anchor(nc)
+        key, key_line, mismatch = verifying_key(pinned, sent_key)
+        reading = await fetch_anchor(nc, key)
     finally:
         await nc.close()
-    key, key_line, mismatch = verifying_key(pinned, sent_key)
-    report = verify_trail(records, key, anchor.head if anchor else None)
-    if mismatch:
-        report.problems.insert(0, mismatch)
+    anchor = reading.event
+    report = verify_trail(records, key, reading.head)
+    report.problems[:0] = [*([mismatch] if mismatch else []), *reading.problems]
     if not args.verify:
         console.print(audit_table([r for r in records if args.change in (None, r.change_id)]))
         if report.problems:
@@ -203,7 +226,7 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     plain(
         f"anchor: seq {anchor.head.seq}, published {anchor.created_at:%Y-%m-%d %H:%M:%S} UTC"
         if anchor
-        else "anchor: none in the RATCHET stream"
+        else "anchor: no valid one in the RATCHET stream"
     )
     return print_verdict(report, len(records))
 

@@ -10,14 +10,15 @@ from urllib.parse import urlparse
 
 import nats
 from nats.aio.client import Client
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import APIError, NoStreamResponseError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from ratchet.audit import read_anchor
+from ratchet.audit import AnchorReading, AuditKey, read_anchor
 from ratchet.contracts import (
     ChangeApproved,
-    ChangeRecorded,
+    ChangeDecision,
     ChangeRejected,
+    Event,
     FailureLogged,
     RunCompleted,
     RunRequested,
@@ -31,6 +32,7 @@ from ratchet.store import AuditRecord
 from ratchet.untrusted import for_terminal
 
 T = TypeVar("T")
+E = TypeVar("E", bound=Event)
 
 
 class ClientError(Exception):
@@ -229,11 +231,17 @@ async def fetch_audit(nc: Client) -> tuple[list[AuditRecord], str | None]:
             return records, public_key
 
 
-async def fetch_anchor(nc: Client) -> ChangeRecorded | None:
-    """The audit trail's newest anchor, read from the events stream itself, not asked of the
-    gatekeeper (whose database it checks)."""
+async def fetch_anchor(nc: Client, key: AuditKey | None) -> AnchorReading:
+    """The audit trail's anchor, read from the events stream itself, not asked of the gatekeeper
+    (whose database it checks): the newest ``change.recorded``, if it is an anchor signed with
+    ``key``; if not, the reading says why, and the trail's end goes unchecked, a problem.
+
+    Only the newest: reading older ones needs a direct get by sequence, which would let this
+    user read every message of the stream (the gate's checks, the sealed holdout). The
+    gatekeeper, which wrote those, walks back past such a message to the newest valid anchor,
+    and its next anchor (with its next record, or at most a day later) ends the problem."""
     try:
-        return await read_anchor(nc.jetstream())
+        return await read_anchor(nc, key, limit=1)
     except nats.errors.NoRespondersError as exc:
         raise ClientError(
             "the RATCHET stream serves no direct gets, so the audit anchor cannot be read: "
@@ -244,6 +252,46 @@ async def fetch_anchor(nc: Client) -> ChangeRecorded | None:
             "NATS did not answer the read of the audit anchor (the newest change.recorded in "
             "the RATCHET stream): may this NATS user read it?"
         ) from exc
+    except APIError as exc:
+        raise ClientError(f"NATS refused the read of the audit anchor: {exc}") from exc
+
+
+async def publish_as(
+    settings: Settings,
+    make: Callable[[Client], Awaitable[E]],
+    *,
+    subject: str,
+    refused: Callable[[str], ClientError],
+) -> E:
+    """Publish the event ``make`` builds (it may ask first, on the same connection) on
+    ``subject``, as ``settings``' user: a decision or a proposal on its sender's own subject.
+
+    The server never acknowledges a publish it refuses, it reports it: the refusal ends this at
+    once as ``refused(why)``, a one-line error, instead of a timeout."""
+    refusal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_error(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower() and not refusal.done():
+            refusal.set_result(str(exc).removeprefix("nats: "))
+
+    async def act(nc: Client) -> E:
+        event = await make(nc)
+        await publish_js(nc.jetstream(), event, subject=subject, timeout=5)
+        return event
+
+    nc = await open_client(settings, on_error=on_error)
+    acting = asyncio.ensure_future(act(nc))
+    try:
+        either: list[asyncio.Future[Any]] = [acting, refusal]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if refusal.done():
+            raise refused(refusal.result())
+        return await acting
+    except nats.errors.TimeoutError as exc:
+        raise refused(f"NATS did not accept the publish to {subject}") from exc
+    finally:
+        acting.cancel()
+        await nc.close()
 
 
 def evidence_of(trail: list[AuditRecord]) -> str:
@@ -287,11 +335,6 @@ async def send_decision(
     settings = client_settings(role=own_user)
     user = settings.nats_user
     decision_type = ChangeApproved if approve else ChangeRejected
-    refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    async def on_error(exc: Exception) -> None:
-        if "permissions violation" in str(exc).lower() and not refused.done():
-            refused.set_result(str(exc))
 
     def may_not_decide(why: str) -> ClientError:
         return ClientError(
@@ -300,24 +343,12 @@ async def send_decision(
             "RATCHET_NATS_PASSWORD set to that approver's password"
         )
 
-    async def decide() -> None:
+    async def decision(nc: Client) -> ChangeDecision:
         evidence = evidence_of(await fetch_trail(nc, change_id))
-        decision = decision_type(change_id=change_id, reason=reason, evidence_sha256=evidence)
-        await publish_js(nc.jetstream(), decision, subject=decision.subject_of(name), timeout=5)
+        return decision_type(change_id=change_id, reason=reason, evidence_sha256=evidence)
 
-    nc = await open_client(settings, on_error=on_error)
-    deciding = asyncio.ensure_future(decide())
-    try:
-        either: list[asyncio.Future[Any]] = [deciding, refused]
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if refused.done():  # the server says so at once; the publish would only time out
-            raise may_not_decide(refused.result().removeprefix("nats: "))
-        await deciding
-    except nats.errors.TimeoutError as exc:
-        raise may_not_decide("NATS did not accept the decision") from exc
-    finally:
-        deciding.cancel()
-        await nc.close()
+    subject = decision_type.subject_of(name)
+    await publish_as(settings, decision, subject=subject, refused=may_not_decide)
     if user != own_user:
         print(f"ratchet: decided as NATS user {user!r} (RATCHET_NATS_USER)", file=sys.stderr)
     return name

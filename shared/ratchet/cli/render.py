@@ -58,11 +58,15 @@ def print_evidence(trail: list[AuditRecord], out: Console | None = None) -> None
     out = out or console
     by_kind = {r.kind: r.payload for r in trail}
     lines: list[Text] = []
-    if received := by_kind.get("received"):
+    if proposal := next((r for r in trail if r.kind == "received"), None):
+        received = proposal.payload
+        # who proposed is the record's actor (the name the server authenticated); the model is
+        # only what the proposal says wrote it
+        model = f" (model {received['model']})" if received.get("model") else ""
         lines.append(
             shown(
                 f"task: {received['task']}  base version: v{received['base_version']}  "
-                f"by: {received['proposer']}"
+                f"by: {proposal.actor}{model}"
             )
         )
         lines.append(shown(f"rationale: {received['rationale']}"))
@@ -98,10 +102,14 @@ def groups_table(groups: list[FailureGroup]) -> Table:
 
 
 def changes_table(changes: list[ChangeSummary]) -> Table:
-    table = Table("change", "task", "status", "updated")
+    table = Table("change", "task", "by", "status", "updated")
     for c in changes:
         table.add_row(
-            shown(c.change_id), shown(c.task), shown(c.status), f"{c.updated_at:%Y-%m-%d %H:%M:%S}"
+            shown(c.change_id),
+            shown(c.task),
+            shown(c.proposer),
+            shown(c.status),
+            f"{c.updated_at:%Y-%m-%d %H:%M:%S}",
         )
     return table
 
