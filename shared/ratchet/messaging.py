@@ -296,13 +296,15 @@ class DeadLetterMiddleware(BaseMiddleware):
         heartbeat = asyncio.create_task(_keep_alive(raw, self.ack_wait_s / 3))
         try:
             return await call_next(msg)
-        except ValidationError as exc:
-            await _dead_letter(raw, _summary(exc), deliveries)
-            raise AckMessage() from exc
         except Unprocessable as exc:
             await _dead_letter(raw, f"unprocessable: {exc}", deliveries)
             raise AckMessage() from exc
         except Exception as exc:
+            # the message itself does not parse; a model check inside the handler (say of a
+            # stored record) is a failure like any other, retried
+            if isinstance(exc, ValidationError) and _is_the_message(exc, self.context):
+                await _dead_letter(raw, _summary(exc), deliveries)
+                raise AckMessage() from exc
             if deliveries >= self.max_deliver:
                 await _dead_letter(raw, f"handler failed {deliveries} times: {exc!r}", deliveries)
                 raise AckMessage() from exc
@@ -319,6 +321,18 @@ async def _keep_alive(raw: Msg, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         await raw.in_progress()
+
+
+def _is_the_message(exc: ValidationError, context: Any) -> bool:
+    """Whether ``exc`` is FastStream's parse of the message itself, which it titles after the
+    handler, rather than a model check inside the handler (say of a stored record): only the
+    former is malformed input; the latter may pass when retried."""
+    subscriber = context.get_local("handler_")
+    handlers = {
+        getattr(getattr(call.handler, "_original_call", None), "__name__", None)
+        for call in getattr(subscriber, "calls", ())
+    }
+    return exc.title in handlers or handlers <= {None}  # unknown: the message, as before
 
 
 def _summary(exc: ValidationError) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from faststream.nats import NatsBroker
 
-from ratchet.contracts import RunRequested
+from ratchet.contracts import Check, RunRequested
 from ratchet.messaging import (
     DLQ_STREAM,
     EVENTS_STREAM,
@@ -35,6 +35,8 @@ async def started_broker(server: LocalNats, seen: Counter[str]) -> NatsBroker:
         seen[request.input] += 1
         if request.input.startswith("fail"):
             raise RuntimeError(f"cannot handle {request.input}")
+        if request.input.startswith("stored"):  # a record the handler reads does not parse
+            Check.model_validate({"kind": "exact"})
 
     await broker.start()
     return broker
@@ -117,6 +119,25 @@ async def test_a_malformed_message_is_dead_lettered_at_once(nats_server: LocalNa
         assert not seen
     finally:
         await nc.close()
+        await broker.stop()
+
+
+async def test_a_model_check_inside_the_handler_is_retried_not_called_malformed(
+    nats_server: LocalNats,
+) -> None:
+    """Only the message failing to parse is malformed; a record the handler reads failing its
+    model is a handler failure: retried with backoff, then dead-lettered saying so."""
+    seen: Counter[str] = Counter()
+    broker = await started_broker(nats_server, seen)
+    try:
+        request = RunRequested(task="t", input="stored-1")
+        await publish(event_publisher(broker, RunRequested), request)
+        letter = await next_dead_letter(nats_server)
+        await drained(nats_server)
+        assert seen == Counter({"stored-1": 3})  # max_deliver deliveries, as for any failure
+        assert letter["deliveries"] == 3 and "handler failed 3 times" in str(letter["reason"])
+        assert "malformed" not in str(letter["reason"])
+    finally:
         await broker.stop()
 
 
