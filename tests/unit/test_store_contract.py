@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import subprocess
 import sys
 import uuid
 from abc import ABC, abstractmethod
@@ -582,3 +583,35 @@ async def test_mongodb_url_names_the_database(url: str, database: str) -> None:
 def test_unusable_url_is_refused_with_the_accepted_forms(url: str) -> None:
     with pytest.raises(ValueError, match=r"sqlite:///path/to\.db"):
         open_store(url)
+
+
+OPEN_CORRUPT = """
+import asyncio, sqlite3, sys
+from ratchet.store import open_store
+
+async def main(url: str) -> None:
+    try:
+        async with open_store(url) as store:
+            await store.audit()
+    except sqlite3.DatabaseError as exc:
+        print(f"refused: {exc}")
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_store_file_that_is_no_database_is_an_error_and_the_process_exits(
+    tmp_path: Path,
+) -> None:
+    """Before: the failed connection's thread kept the process alive, so a service with a
+    corrupt store hung instead of exiting (and `ratchet up` never saw it crash)."""
+    path = tmp_path / "ratchet.db"
+    path.write_bytes(b"this is not a database" * 100)
+    ran = subprocess.run(
+        [sys.executable, "-c", OPEN_CORRUPT, f"sqlite:///{path}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith("refused: file is not a database"), ran.stdout

@@ -145,14 +145,18 @@ class SqliteStore(Store):
             if self._db is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 db = await aiosqlite.connect(self.path, isolation_level=None)
-                await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-                await db.execute("PRAGMA journal_mode = WAL")
-                await db.execute("PRAGMA synchronous = NORMAL")
-                await db.create_function(
-                    "any_problem_contains", 2, _any_problem_contains, deterministic=True
-                )
-                await db.executescript(SCHEMA)
-                await _add_audit_columns(db)
+                try:
+                    await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                    await db.execute("PRAGMA journal_mode = WAL")
+                    await db.execute("PRAGMA synchronous = NORMAL")
+                    await db.create_function(
+                        "any_problem_contains", 2, _any_problem_contains, deterministic=True
+                    )
+                    await db.executescript(SCHEMA)
+                    await _add_audit_columns(db)
+                except BaseException:  # as in open_own_db: its thread would hold the process
+                    await db.close()
+                    raise
                 self._db = db
             return self._db
 
