@@ -236,6 +236,18 @@ def anchor_of(record: ChainedRecord) -> AuditAnchor:
     )
 
 
+def announcement(record: ChainedRecord, head: ChainedRecord | None = None) -> ChangeRecorded:
+    """The ``change.recorded`` event for ``record``, carrying the trail's ``head`` (``record``
+    itself unless told otherwise); its id comes from the seq, so a repeat is dropped."""
+    return ChangeRecorded(
+        id=f"{record.change_id}.recorded.{record.seq}",
+        change_id=record.change_id,
+        kind=record.kind,
+        seq=record.seq,
+        head=anchor_of(head or record),
+    )
+
+
 # --- checks --------------------------------------------------------------------------------------
 
 

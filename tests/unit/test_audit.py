@@ -27,13 +27,14 @@ from ratchet.audit import (
     AuditSigner,
     TrailReport,
     anchor_of,
+    announcement,
     newest_anchor,
     record_hash,
     seq_ranges,
     verify_chain,
     verify_trail,
 )
-from ratchet.contracts import AuditAnchor, ChangeRecorded
+from ratchet.contracts import AuditAnchor
 from ratchet.store import AuditRecord
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -421,14 +422,7 @@ def test_problem_lists_stay_short() -> None:
 
 def recorded(record: AuditRecord) -> bytes:
     """The ``change.recorded`` the gatekeeper publishes for ``record``, as stored."""
-    event = ChangeRecorded(
-        id=f"{record.change_id}.recorded.{record.seq}",
-        change_id=record.change_id,
-        kind=record.kind,
-        seq=record.seq,
-        head=anchor_of(record),
-    )
-    return event.model_dump_json().encode()
+    return announcement(record).model_dump_json().encode()
 
 
 async def newest_first(messages: list[bytes]) -> AsyncIterator[tuple[int, bytes]]:

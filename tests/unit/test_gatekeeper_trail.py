@@ -20,6 +20,7 @@ from ratchet.audit import (
     AuditKey,
     AuditSigner,
     anchor_of,
+    announcement,
     newest_anchor,
     verify_trail,
 )
@@ -302,12 +303,5 @@ async def test_garbage_behind_a_holding_anchor_changes_nothing(trail: Trail) -> 
 
 
 def recorded_at(record: AuditRecord) -> bytes:
-    """An announcement of ``record`` as the stream would store it."""
-    event = ChangeRecorded(
-        id=f"{record.change_id}.recorded.{record.seq}",
-        change_id=record.change_id,
-        kind=record.kind,
-        seq=record.seq,
-        head=anchor_of(record),
-    )
-    return event.model_dump_json().encode()
+    """The ``change.recorded`` the gatekeeper publishes for ``record``, as stored."""
+    return announcement(record).model_dump_json().encode()

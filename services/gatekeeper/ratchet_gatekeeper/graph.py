@@ -32,13 +32,12 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Checkpointer, interrupt
 
-from ratchet.audit import AnchorReading, AuditSigner, anchor_of, anchor_problem, signed_by
+from ratchet.audit import AnchorReading, AuditSigner, anchor_problem, announcement, signed_by
 from ratchet.contracts import (
     ChangeApplied,
     ChangeAwaitingApproval,
     ChangeKept,
     ChangeProposed,
-    ChangeRecorded,
     ChangeRolledBack,
     Event,
     GateRunRequested,
@@ -192,15 +191,7 @@ class Gate:
 
     async def _announce(self, record: AuditRecord) -> None:
         head = await self.store.audit_head()
-        await self.publish(
-            ChangeRecorded(
-                id=f"{record.change_id}.recorded.{record.seq}",
-                change_id=record.change_id,
-                kind=record.kind,
-                seq=record.seq,
-                head=anchor_of(head or record),
-            )
-        )
+        await self.publish(announcement(record, head))
 
     async def _check_anchor(self) -> None:
         """Before the trail is extended or anchored again: the stream's newest valid anchor
