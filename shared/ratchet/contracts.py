@@ -81,6 +81,10 @@ REPEATS = 100
 TRUNCATED_FIELDS = 8
 MAX_VERSION = 2**63 - 1  # prompt versions are JetStream sequence numbers
 
+EXECUTOR_ORIGIN = "executor"
+APP_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+"""An instrumented app's name: one subject token that also makes a NATS user name (app-<name>)."""
+
 ID_PATTERN = r"^[\x20-\x21\x23-\x5b\x5d-\x7e]+$"  # printable ASCII but " and \
 
 
@@ -221,6 +225,11 @@ class RunRequested(Event):
         "not hold is refused (dead-lettered), not waited for.",
     )
     context: RunContext = Field(default_factory=RunContext)
+    rollout_key: Annotated[str, _id(NAME_CHARS)] | None = Field(
+        default=None,
+        description="Who the run is for (a user, a conversation): while a change is in canary, "
+        "one key always gets the same version. None: the run id decides.",
+    )
 
     @model_validator(mode="after")
     def _purpose_fits_subject(self) -> RunRequested:
@@ -285,6 +294,57 @@ class RunCompleted(Event):
         description="Fields the executor cut to their limits: output, trace (steps left out or "
         "step texts cut), error.",
     )
+    origin: Name = Field(
+        default=EXECUTOR_ORIGIN,
+        description='Who ran it: "executor", or "app:<name>" for a run an instrumented app '
+        "reported (set by the service that received the report, from its subject).",
+    )
+
+
+def app_origin(app: str) -> str:
+    """The origin of the runs the app ``app`` reports."""
+    return f"app:{app}"
+
+
+class RunReported(RunCompleted):
+    """A run that an instrumented app (the SDK) finished and reports, published on
+    ``run.reported.<app>``: the last subject token says which app, and each app's NATS user may
+    publish only its own. The evaluator and the failure store read it as the ``run.completed`` of
+    :meth:`completed`, with origin ``app:<app>``. The body names nobody (no ``origin``) and
+    carries live runs only: gate runs come from the executor alone."""
+
+    subject: ClassVar[str] = "run.reported"
+
+    @classmethod
+    def subject_of(cls, who: str) -> str:
+        return f"{cls.subject}.{who}"
+
+    @model_validator(mode="after")
+    def _live_and_unattributed(self) -> RunReported:
+        if "origin" in self.model_fields_set:
+            raise ValueError("a reported run names no origin: the subject says which app sent it")
+        if self.context.purpose != "live":
+            raise ValueError("an app reports live runs only")
+        return self
+
+    @field_validator("run_id")
+    @classmethod
+    def _room_for_the_app(cls, run_id: str) -> str:
+        if len(run_id) > APP_RUN_ID_CHARS:
+            raise ValueError(f"a reported run id has at most {APP_RUN_ID_CHARS} characters")
+        return run_id
+
+    def completed(self, app: str) -> RunCompleted:
+        """The run as the services handle it, attributed to the app that published it. Its run
+        id is ``app:<app>/<run id>``, so no app can report (or pre-empt) another's runs or the
+        executor's."""
+        fields = self.model_dump(exclude={"schema_version", "run_id", "id", "origin"})
+        run_id = f"{app_origin(app)}/{self.run_id}"
+        origin = app_origin(app)
+        return RunCompleted(**fields, id=f"{run_id}.completed", run_id=run_id, origin=origin)
+
+
+APP_RUN_ID_CHARS = RUN_ID_CHARS - 40  # room for "app:<name>/"
 
 
 class RunScored(Event):
@@ -302,6 +362,10 @@ class RunScored(Event):
     prompt_version: int | None = Field(
         default=None, ge=0, description="The prompt version the run used (copied from the run)."
     )
+    origin: Name = Field(default=EXECUTOR_ORIGIN, description="Copied from the run.")
+    judge_usage: TokenUsage = Field(
+        default_factory=TokenUsage, description="What judging this run cost (0 for a check)."
+    )
 
 
 class FailureLogged(Event):
@@ -311,6 +375,7 @@ class FailureLogged(Event):
     task: TaskName
     score: float = Field(ge=0.0, le=1.0)
     problems: Problems
+    origin: Name = Field(default=EXECUTOR_ORIGIN, description="Copied from the run.")
 
 
 # --- changes ------------------------------------------------------------------------------------
@@ -513,6 +578,66 @@ class ChangeRolledBack(ChangeOutcome):
     subject: ClassVar[str] = "change.rolled_back"
 
 
+# --- canary -------------------------------------------------------------------------------------
+
+
+class CanaryStats(BaseModel):
+    """Live scores of the two versions while a change is in canary, and the anytime-valid
+    bounds of the lift (canary minus stable) that decide it (:mod:`ratchet.canary`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stable_version: int = Field(ge=0)
+    canary_version: int = Field(ge=0)
+    stable_runs: int = Field(ge=0)
+    stable_score: float = Field(ge=0.0, description="Sum of the stable version's scores.")
+    canary_runs: int = Field(ge=0)
+    canary_score: float = Field(ge=0.0, description="Sum of the canary version's scores.")
+    lift: float = Field(description="Canary mean minus stable mean (0 without runs).")
+    lower: float = Field(description="Anytime-valid lower bound of the lift.")
+    upper: float = Field(description="Anytime-valid upper bound of the lift.")
+    margin: float = Field(ge=0.0, le=0.5, description="Promoted once lower > -margin.")
+    alpha: float = Field(gt=0.0, lt=0.5)
+    verdict: Literal["running", "not_worse", "worse", "undecided"] = "running"
+    judge_tokens: int = Field(default=0, ge=0, description="Judge tokens spent on these runs.")
+
+
+class ChangeCanaryStarted(Event):
+    """An applied change now serves ``share`` of live traffic; the rest keeps the stable
+    version. Which version a run gets is decided by its rollout key (or run id)."""
+
+    subject: ClassVar[str] = "change.canary.started"
+
+    change_id: ChangeId
+    task: TaskName
+    version: int = Field(ge=0, description="The canary version.")
+    stable_version: int = Field(ge=0)
+    share: float = Field(gt=0.0, lt=1.0)
+    margin: float = Field(ge=0.0, le=0.5)
+    max_runs: int = Field(ge=1, description="Canary-arm runs after which it stops undecided.")
+
+
+class CanaryOutcome(Event):
+    change_id: ChangeId
+    task: TaskName
+    version: int = Field(ge=0, description="The prompt revision current after this outcome.")
+    stats: CanaryStats
+    reason: Reason
+
+
+class ChangePromoted(CanaryOutcome):
+    """The canary was shown not worse than the stable version: it now serves all traffic."""
+
+    subject: ClassVar[str] = "change.canary.promoted"
+
+
+class ChangeCanaryRolledBack(CanaryOutcome):
+    """The canary was shown worse (or not shown no worse within its runs): rolled back to the
+    stable version, automatically."""
+
+    subject: ClassVar[str] = "change.canary.rolled_back"
+
+
 class AuditAnchor(BaseModel):
     """The audit trail's newest record as the gatekeeper published it: ``ratchet audit
     --verify`` checks the trail's end against the newest one in the stream."""
@@ -588,6 +713,7 @@ EVENTS: tuple[type[Event], ...] = (
     RunRequested,
     GateRunRequested,
     RunCompleted,
+    RunReported,
     RunScored,
     FailureLogged,
     ChangeProposed,
@@ -597,5 +723,8 @@ EVENTS: tuple[type[Event], ...] = (
     ChangeApplied,
     ChangeKept,
     ChangeRolledBack,
+    ChangeCanaryStarted,
+    ChangePromoted,
+    ChangeCanaryRolledBack,
     ChangeRecorded,
 )

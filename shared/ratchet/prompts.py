@@ -13,13 +13,13 @@ import contextlib
 import hashlib
 import logging
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ratchet.messaging import PROMPTS_BUCKET
 
@@ -32,19 +32,58 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+class Canary(BaseModel):
+    """A version in canary serves ``share`` of live traffic; the rest gets the stable version,
+    whose text it carries so that every reader can serve either from this one record."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    share: float = Field(gt=0.0, lt=1.0)
+    stable_version: int = Field(ge=0)
+    stable_text: str
+
+
 class PromptRecord(BaseModel):
     """What one version holds: the text and the change that made it."""
 
     model_config = ConfigDict(extra="forbid")
 
     text: str
-    kind: Literal["initial", "change", "rollback"] = "change"
+    kind: Literal["initial", "change", "rollback", "promotion"] = "change"
     change_id: str | None = None
     note: str = ""
+    canary: Canary | None = None
 
     @property
     def sha256(self) -> str:
         return sha256_text(self.text)
+
+
+class Served(NamedTuple):
+    """The task prompt one run gets, and the version to report with it."""
+
+    text: str
+    version: int
+
+
+def in_canary(change_id: str, key: str, share: float) -> bool:
+    """Whether the run or user ``key`` gets the canary of ``change_id``: a hash, so the same
+    key always gets the same version of one change (one conversation sees one version), and
+    every reader (the executor, the SDK) decides alike without asking anyone."""
+    digest = hashlib.sha256(f"{change_id}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < share * 2**64
+
+
+def serve(stored: PromptVersion | None, key: str) -> Served:
+    """The prompt a live run with rollout key ``key`` gets (the default prompt, version 0, for a
+    task without one). Gate runs do not come here: they run the stored text itself."""
+    if stored is None:
+        return Served(DEFAULT_PROMPT, 0)
+    record = stored.record
+    canary = record.canary
+    if canary is not None and not in_canary(record.change_id or "", key, canary.share):
+        return Served(canary.stable_text, canary.stable_version)
+    return Served(record.text, stored.version)
 
 
 class PromptVersion(BaseModel):

@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import Field, StringConstraints
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ratchet.contracts import APPROVER_NAME, CASES, LOOKS
+from ratchet.contracts import APP_NAME, APPROVER_NAME, CASES, LOOKS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,6 +66,25 @@ class GateSettings(BaseSettings):
         default=0.05, ge=0, le=0.2, description="Non-inferiority margin of a proposed rollback."
     )
     run_timeout_s: float = Field(default=600.0, gt=0, description="Wait for one look's runs.")
+    canary_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of live traffic an applied change serves first, until live scores "
+        "show it not worse (promoted) or worse (rolled back). 0: no canary, an applied change "
+        "serves everyone at once (a stack without live traffic could never finish a canary).",
+    )
+    canary_margin: float = Field(
+        default=0.05, ge=0.0, le=0.5, description="Promoted once shown no worse than this."
+    )
+    canary_alpha: float = Field(
+        default=0.05, gt=0.0, lt=0.5, description="Error rate of the canary's test, anytime."
+    )
+    canary_max_runs: int = Field(
+        default=5000,
+        ge=1,
+        description="Canary-arm runs after which a canary not yet shown no worse is rolled back.",
+    )
 
 
 class Settings(BaseSettings):
@@ -111,6 +130,19 @@ class Settings(BaseSettings):
         default_factory=lambda: ["operator"],
         description="Who may decide besides the policy approver (always named policy): one NATS "
         "user each (approver-<name>), allowed to publish only its own decisions.",
+    )
+
+    apps: list[Annotated[str, StringConstraints(pattern=APP_NAME)]] = Field(
+        default_factory=lambda: ["app"],
+        description="Instrumented apps that report their runs (the SDK): one NATS user each "
+        "(app-<name>), allowed to read prompts and publish its own runs, nothing else.",
+    )
+    judge_sample_rate: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of live runs without a check that the judge scores (chosen by run "
+        "id); the others stay unscored. Gate runs are always scored.",
     )
 
     def resolved_store_url(self) -> str:
