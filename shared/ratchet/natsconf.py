@@ -1,20 +1,26 @@
-"""The nats-server configuration: one user per service, per approver and for the CLI, each
-allowed only what its role needs. The config is generated from :data:`ROLES` (and
-:func:`approver_role` for each approver); the permission matrix test walks the same table against
-a real server.
+"""The nats-server configuration: one user per service, per approver, per instrumented app and
+for the CLI, each allowed only what its role needs. The config is generated from :data:`ROLES`
+(and :func:`approver_role` for each approver, :func:`app_role` for each app); the permission
+matrix test walks the same table against a real server.
 
 This is where the isolation invariants are enforced by the server itself:
 
 - only the evaluator may publish ``run.scored``;
 - only the gatekeeper may request gate runs (``run.gate.requested``);
 - only the gatekeeper may write the prompt store (publish to ``$KV.prompts.>``);
+- each instrumented app (``app-<name>``) may read the prompts and publish its own runs,
+  ``run.reported.<name>``, and nothing else: no score, decision, proposal or prompt write;
 - each approver may publish only its own decisions, ``change.approved.<name>`` /
   ``change.rejected.<name>``, and each proposing user only its own proposals,
   ``change.proposed.<user>`` (the proposer service and the CLI's client), so the name a decision
   or a proposal records is the one the server authenticated;
+- the review console (``approver-console``) decides and proposes only for its reviewers, on
+  ``<kind>.console.<reviewer>``: it authenticates the reviewer, the server authenticates it;
 - only the owner of a table answers the queries about it: the failure store ``query.failures`` /
-  ``query.groups`` / ``query.count``, the gatekeeper (the audit trail's owner) ``query.changes``
-  / ``query.change`` / ``query.audit``, the proposer ``query.propose``;
+  ``query.groups`` / ``query.count`` / ``query.runs``, the gatekeeper (the audit trail's owner)
+  ``query.changes`` / ``query.change`` / ``query.audit``, the proposer ``query.propose``;
+- the proposer may ask about failures only, never ``query.runs`` (a change's gate runs: the
+  gate's cases, which it must not see);
 - each service may create, read, pull, acknowledge and dead-letter only its own durable
   consumers, on their own subjects (``$JS.ACK.RATCHET.<durable>.>``, ``dlq.<filter>``); nobody
   may delete a consumer;
@@ -53,9 +59,11 @@ from ratchet.contracts import (
     FailureLogged,
     GateRunRequested,
     RunCompleted,
+    RunReported,
     RunRequested,
     RunScored,
 )
+from ratchet.jetstream import app_user
 from ratchet.messaging import (
     DLQ_PREFIX,
     EVENTS_STREAM,
@@ -73,6 +81,9 @@ POLICY_APPROVER = "policy"  # the policy approver service decides under this nam
 # proposals) and the CLI (a person's own change, a rollback). Approvers decide, never propose.
 PROPOSER = "proposer"
 CLIENT = "client"
+# The review console (ratchet.console) decides and proposes for the reviewer logged in to it, on
+# <kind>.console.<reviewer>: the server authenticated the console, the console its reviewer.
+CONSOLE = "console"
 
 # Passwords are 144-bit random tokens, so guessing one is out of reach at any bcrypt cost; the
 # hash only keeps the config from handing them out. Cost 6 costs the server ~5 ms per connect
@@ -85,11 +96,15 @@ def _query(name: str) -> str:
 
 
 FAILURE_QUERIES = (_query("failures"), _query("groups"), _query("count"))
+# A change's gate runs, from the failure store (which owns the runs table), for people only: the
+# proposer asks FAILURE_QUERIES and must never see the gate's cases.
+RUNS_QUERY = _query("runs")
+FAILURE_STORE_QUERIES = (*FAILURE_QUERIES, RUNS_QUERY)
 AUDIT_QUERIES = (_query("changes"), _query("change"), _query("audit"))
 PROPOSE_QUERY = _query("propose")
-# People (the CLI, approvers) may ask every question; each one is named, so a new query subject
-# is refused to everyone until someone decides who may ask it.
-EVERY_QUERY = (*FAILURE_QUERIES, *AUDIT_QUERIES, PROPOSE_QUERY)
+# People (the CLI, approvers, the console) may ask every question; each one is named, so a new
+# query subject is refused to everyone until someone decides who may ask it.
+EVERY_QUERY = (*FAILURE_STORE_QUERIES, *AUDIT_QUERIES, PROPOSE_QUERY)
 # The audit trail's anchor: one direct get of the newest change.recorded in the events stream
 READ_AUDIT_ANCHOR = f"{JS_API}.DIRECT.GET.{EVENTS_STREAM}.{ChangeRecorded.subject}"
 # Any message of the events stream by sequence: the gatekeeper walks back past change.recorded
@@ -147,10 +162,54 @@ def approver_role(name: str, *, durable: str | None = None) -> Role:
     )
 
 
+def app_role(name: str) -> Role:
+    """An instrumented app (the SDK in a user's own service): reads and watches the prompts it
+    serves and reports its runs on its own subject, ``run.reported.<name>``, which the evaluator
+    and the failure store attribute to it. Nothing else: it cannot score, decide, propose, write
+    a prompt, request runs or ask a query."""
+    return Role(publish=(RunReported.subject_of(name),), reads_prompts=True)
+
+
+def console_sender(reviewer: str) -> str:
+    """The sender a decision or proposal made in the review console for ``reviewer`` is
+    published and recorded as (``console.<reviewer>``); reviewers follow the approver name
+    rule."""
+    if not re.fullmatch(APPROVER_NAME, reviewer):
+        raise ValueError(
+            f"{reviewer!r} is not a reviewer name: lowercase letters, digits, - and _, at most 32"
+        )
+    return f"{CONSOLE}.{reviewer}"
+
+
+CONSOLE_SENDERS = f"{CONSOLE}.*"  # every reviewer of the console: one more subject token
+
+
+def console_role() -> Role:
+    """The review console's user, ``approver-console``: an approver that decides only as one of
+    its reviewers (``change.approved.console.<reviewer>``, never as ``console`` itself), plus
+    one right approvers lack: proposing, on ``change.proposed.console.<reviewer>``, so that a
+    reviewer can ask for a rollback, which goes through the gate like any change."""
+    approver = approver_role(CONSOLE)
+    own = (ChangeApproved.subject_of(CONSOLE), ChangeRejected.subject_of(CONSOLE))
+    return Role(
+        publish=(
+            ChangeApproved.subject_of(CONSOLE_SENDERS),
+            ChangeRejected.subject_of(CONSOLE_SENDERS),
+            ChangeProposed.subject_of(CONSOLE_SENDERS),
+            *(subject for subject in approver.publish if subject not in own),
+        ),
+        subscribe=approver.subscribe,
+        reads_prompts=approver.reads_prompts,
+    )
+
+
 def _from_anyone(kind: type[Attributed]) -> str:
     """The gatekeeper's filter for one kind of proposal or decision, whoever sent it."""
     return kind.subject_of("*")
 
+
+# The runs every instrumented app reports, each on its own subject (the last token names it)
+REPORTED_BY_ANY_APP = RunReported.subject_of("*")
 
 ROLES: dict[str, Role] = {
     "executor": Role(
@@ -162,13 +221,18 @@ ROLES: dict[str, Role] = {
         reads_prompts=True,
     ),
     "evaluator": Role(
-        publish=(RunScored.subject,), consumers=(("evaluator", RunCompleted.subject),)
+        publish=(RunScored.subject,),
+        consumers=(
+            ("evaluator", RunCompleted.subject),
+            ("evaluator-reported", REPORTED_BY_ANY_APP),
+        ),
     ),
     "failure-store": Role(
         publish=(FailureLogged.subject,),
-        subscribe=FAILURE_QUERIES,
+        subscribe=FAILURE_STORE_QUERIES,
         consumers=(
             ("failure-store-completed", RunCompleted.subject),
+            ("failure-store-reported", REPORTED_BY_ANY_APP),
             ("failure-store-scored", RunScored.subject),
         ),
     ),
@@ -200,10 +264,16 @@ ROLES: dict[str, Role] = {
             ("gatekeeper-scored", RunScored.subject),
             ("gatekeeper-approvals", _from_anyone(ChangeApproved)),
             ("gatekeeper-rejections", _from_anyone(ChangeRejected)),
+            # the console's, one token longer (console.<reviewer>): durables of their own, so an
+            # existing deployment's durables keep their filters and nothing is replayed
+            ("gatekeeper-console-proposals", ChangeProposed.subject_of(CONSOLE_SENDERS)),
+            ("gatekeeper-console-approvals", ChangeApproved.subject_of(CONSOLE_SENDERS)),
+            ("gatekeeper-console-rejections", ChangeRejected.subject_of(CONSOLE_SENDERS)),
         ),
         reads_prompts=True,
     ),
     approver_user(POLICY_APPROVER): approver_role(POLICY_APPROVER, durable="policy-approver"),
+    approver_user(CONSOLE): console_role(),
     CLIENT: Role(  # the CLI: runs, queries, a person's own proposals; deciding is an approver's
         publish=(
             RunRequested.subject,
@@ -223,11 +293,14 @@ ROLES: dict[str, Role] = {
 }
 
 
-def users(approvers: Iterable[str] = ()) -> dict[str, Role]:
-    """Every NATS user but the admin: the services, the CLI and one user per approver."""
+def users(approvers: Iterable[str] = (), apps: Iterable[str] = ()) -> dict[str, Role]:
+    """Every NATS user but the admin: the services, the CLI, one user per approver and one per
+    instrumented app."""
     table = dict(ROLES)
     for name in approvers:
         table.setdefault(approver_user(name), approver_role(name))
+    for name in apps:
+        table.setdefault(app_user(name), app_role(name))
     return table
 
 

@@ -112,14 +112,15 @@ def start_nats(
     *,
     log_path: Path | None = None,
     approvers: Iterable[str] = (),
+    apps: Iterable[str] = (),
     preexec_fn: Callable[[], None] | None = None,
 ) -> LocalNats:
-    """Start nats-server with per-service users (and one per approver), then create the streams
-    as admin.
+    """Start nats-server with per-service users (and one per approver and per instrumented app),
+    then create the streams as admin.
 
-    Passwords are kept in ``home/nats/credentials.json`` and reused, so services and the CLI
-    started later can read them; a user added since (a new approver) gets a new one, a user no
-    longer configured loses its. The config holds only their bcrypt hashes; both files are
+    Passwords are kept in ``home/nats/credentials.json`` and reused, so services, the CLI and
+    apps started later can read them; a user added since (a new approver or app) gets a new one,
+    a user no longer configured loses its. The config holds only their bcrypt hashes; both files are
     created 0600. A port another program already listens on is refused at once
     (:class:`NatsStartError`): Ratchet's clients would otherwise talk to that server.
     """
@@ -127,7 +128,7 @@ def start_nats(
         raise port_taken(port)
     folder = home / "nats"
     folder.mkdir(parents=True, exist_ok=True)
-    roles = users(approvers)
+    roles = users(approvers, apps)
     credentials = folder / "credentials.json"
     config = folder / "nats-server.conf"
     kept: dict[str, str] = json.loads(credentials.read_text()) if credentials.exists() else {}

@@ -21,7 +21,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysEr
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import BaseModel, ConfigDict, Field
 
-from ratchet.messaging import PROMPTS_BUCKET
+from ratchet.jetstream import PROMPTS_BUCKET
 
 log = logging.getLogger("ratchet.prompts")
 
@@ -133,7 +133,7 @@ class PromptReader:
                 if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
                     self._current.pop(entry.key, None)
                     continue
-                self._current[entry.key] = _version(entry)
+                self._current[entry.key] = entry_version(entry)
                 log.info("prompt %s is now version %s", entry.key, entry.revision)
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
@@ -185,7 +185,7 @@ async def read_current(js: JetStreamContext, task: str) -> PromptVersion | None:
         entry = await kv.get(task)
     except KeyNotFoundError:
         return None
-    return _version(entry)
+    return entry_version(entry)
 
 
 async def read_history(js: JetStreamContext, task: str) -> list[PromptVersion]:
@@ -195,10 +195,11 @@ async def read_history(js: JetStreamContext, task: str) -> list[PromptVersion]:
         entries = await kv.history(task)
     except (NoKeysError, NatsTimeoutError):
         return []
-    return [_version(e) for e in entries if e.value and e.operation not in (KV_DEL, KV_PURGE)]
+    return [entry_version(e) for e in entries if e.value and e.operation not in (KV_DEL, KV_PURGE)]
 
 
-def _version(entry: KeyValue.Entry) -> PromptVersion:
+def entry_version(entry: KeyValue.Entry) -> PromptVersion:
+    """The version a prompt-store entry holds (every reader parses entries this way)."""
     assert entry.value is not None and entry.revision is not None
     created = (
         datetime.fromtimestamp(entry.created / 1e9, UTC) if isinstance(entry.created, int) else None

@@ -3,23 +3,36 @@
 No reply may be larger than NATS carries (a reply over the server's max_payload is never sent,
 and the asker only sees a timeout). Replies that are lists are cut to ``REPLY_BYTES`` by
 :func:`list_reply`, which says what it left out in the ``Ratchet-Trimmed`` header (the CLI shows
-it); the audit trail is read in pages (:class:`AuditPage`).
+it), after :func:`shortened_to_fit` has tried shorter texts; the audit trail is read in pages
+(:class:`AuditPage`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from typing import Literal, TypeVar
 
 from faststream.nats import NatsResponse
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from ratchet.contracts import MAX_MESSAGE_BYTES, ChangeProposed
+from ratchet.contracts import (
+    MAX_MESSAGE_BYTES,
+    CanaryStats,
+    CaseId,
+    ChangeId,
+    ChangeProposed,
+    Check,
+    GateStage,
+)
 from ratchet.store import AuditRecord
 
 REPLY_BYTES = MAX_MESSAGE_BYTES  # like every message: room for headers under NATS's 1 MiB
 TRIMMED_HEADER = "Ratchet-Trimmed"
 MAX_FAILURES_PER_QUERY = 1_000  # what one query.failures or query.groups reads from the store
+REPLY_TEXT_CHARS = (4_000, 1_000, 250)  # tried in turn when a reply's items do not fit
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def fitting(items: Sequence[BaseModel], budget: int = REPLY_BYTES) -> list[bytes]:
@@ -48,6 +61,32 @@ def list_reply(items: Sequence[BaseModel], *, noun: str, shortened: str = "") ->
     if notes:
         headers[TRIMMED_HEADER] = f"{'; '.join(notes)} ({limit})"
     return NatsResponse(body=b"[" + b",".join(kept) + b"]", headers=headers)
+
+
+def shortened_to_fit(
+    items: Sequence[M],
+    cut: Callable[[M, int | None], M],
+    *,
+    texts: str,
+    budget: int = REPLY_BYTES,
+) -> tuple[list[M], str]:
+    """Every one of ``items`` in one reply of ``budget`` bytes if that can be done by cutting
+    their long texts (``cut(item, chars)``; ``chars`` None: to the message limits only) to the
+    longest of ``REPLY_TEXT_CHARS`` at which all fit, so a reader gets every item it asked for,
+    only shortened, with a note naming the ``texts`` cut; else cut to the shortest, and
+    :func:`list_reply` leaves out the last that still do not fit."""
+    shown = [cut(item, None) for item in items]
+    if _size(shown) <= budget:
+        return shown, ""
+    for chars in REPLY_TEXT_CHARS:
+        shown = [cut(item, chars) for item in items]
+        if _size(shown) <= budget:
+            break
+    return shown, f"{texts} cut to {chars} characters"
+
+
+def _size(items: Sequence[BaseModel]) -> int:
+    return 2 + sum(len(item.model_dump_json().encode()) + 1 for item in items)
 
 
 class FailureCount(BaseModel):
@@ -118,14 +157,24 @@ class ChangeSummary(BaseModel):
     proposer: str = Field(
         default="?", description="Who proposed it: the actor of its received record."
     )
+    canary: CanaryStats | None = Field(
+        default=None,
+        description="The canary's live counts and bounds: as they stand while it runs (status "
+        '"canary"), as they decided it once it is over ("promoted", "canary_rolled_back").',
+    )
 
 
 # Records that report on a change without moving it: they never become its status.
 NOT_A_STATUS = {"holdout", "decision_refused"}
+CANARY_OUTCOMES = {"promoted", "canary_rolled_back"}
 
 
-def summarize(records: list[AuditRecord]) -> list[ChangeSummary]:
-    """One line per change from its audit records: the latest step is its status."""
+def summarize(
+    records: list[AuditRecord], canaries: Mapping[str, CanaryStats] | None = None
+) -> list[ChangeSummary]:
+    """One line per change from its audit records: the latest step is its status.
+    ``canaries``: the live counts of canaries still running, by change id (the gatekeeper's
+    ledger holds them; the trail only their start and outcome)."""
     by_change: dict[str, list[AuditRecord]] = {}
     for record in records:
         by_change.setdefault(record.change_id, []).append(record)
@@ -136,6 +185,12 @@ def summarize(records: list[AuditRecord]) -> list[ChangeSummary]:
         steps = [r for r in trail if r.kind not in NOT_A_STATUS]
         if not steps:  # only refused decisions: no change of that id reached the gatekeeper
             continue
+        outcome = next((r for r in trail if r.kind in CANARY_OUTCOMES), None)
+        canary = (
+            CanaryStats.model_validate(outcome.payload["stats"])
+            if outcome is not None
+            else (canaries or {}).get(change_id)
+        )
         summaries.append(
             ChangeSummary(
                 change_id=change_id,
@@ -143,6 +198,55 @@ def summarize(records: list[AuditRecord]) -> list[ChangeSummary]:
                 status=steps[-1].kind,
                 updated_at=trail[-1].at,
                 proposer=proposer,
+                canary=canary,
             )
         )
     return sorted(summaries, key=lambda s: s.updated_at, reverse=True)
+
+
+# --- a change's gate runs (query.runs) -----------------------------------------------------------
+
+RUNS_QUERY_CASES = 50  # the cases one query.runs may name
+RUNS_QUERY_REPEATS = 10  # and the repeats of each arm it may ask for: at most 1,000 runs read
+
+
+class RunsQuery(BaseModel):
+    """Which gate runs of one change to show (``query.runs``): both arms' runs of ``case_ids``
+    in one stage of its gate, the first ``repeats`` repeats of each. For people (the console,
+    the CLI); the proposer may not ask it, since it shows the gate's cases."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    change_id: ChangeId
+    stage: GateStage = "measure"
+    case_ids: list[CaseId] = Field(max_length=RUNS_QUERY_CASES)
+    repeats: int = Field(default=RUNS_QUERY_REPEATS, ge=1, le=RUNS_QUERY_REPEATS)
+
+
+class GateRun(BaseModel):
+    """One run of a gate measurement as ``query.runs`` shows it: what one arm answered on one
+    repeat and how it scored. It carries no run id: a gate run's id holds its change's secret
+    nonce, and whoever knew it could request a live run under the id of a gate run still to
+    come (the change's check after applying, its holdout) and so keep the real one from counting;
+    the case, arm and repeat name the run instead."""
+
+    arm: Literal["current", "candidate"]
+    repeat: int
+    output: str | None = Field(default=None, description="None while only its score is stored.")
+    error: str | None = Field(default=None, description="Why the run crashed, if it did.")
+    prompt_version: int | None = None
+    score: float | None = None
+    scorer: str | None = Field(default=None, description="None while the run has no score yet.")
+    unscored_reason: str | None = None
+    problems: list[str] = Field(default_factory=list)
+
+
+class GateCase(BaseModel):
+    """One case of a gate measurement with its runs, current arm first, by repeat. ``input`` and
+    ``check`` are the gatekeeper's, as its runs carried them (None while only scores are
+    stored)."""
+
+    case_id: str
+    input: str | None = None
+    check: Check | None = None
+    runs: list[GateRun] = Field(default_factory=list)

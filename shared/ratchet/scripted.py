@@ -179,7 +179,14 @@ _CURRENT_PROMPT = re.compile(r"<current_prompt>\n(.*?)\n</current_prompt>", re.D
 def _world_proposer() -> world_module.FakeProposer:
     # Ids start at a random point so a restarted proposer does not reuse the ids it gave before.
     first_id = random.SystemRandom().randrange(1, 1 << 40)
-    return world_module.FakeProposer(_world(), seed=None, first_id=first_id)
+    settings = _world().settings
+    return world_module.FakeProposer(
+        _world(),
+        mean=settings.proposer_mean,
+        sd=settings.proposer_sd,
+        seed=None,
+        first_id=first_id,
+    )
 
 
 def world_proposer(messages: list[BaseMessage]) -> AIMessage:
@@ -249,5 +256,8 @@ def scripted_model(name: str) -> ScriptedChatModel:
     except KeyError:
         known = ", ".join(sorted(SCRIPTS))
         raise ValueError(f"unknown scripted model {name!r}; known: {known}") from None
-    latency = _world().settings.latency_s if name == "world" else 0.0
+    world = _world().settings
+    latency = {"world": world.latency_s}.get(name, 0.0)
+    if name.startswith("judge-"):
+        latency = world.judge_latency_s
     return ScriptedChatModel(script=name, respond=respond, latency_s=latency)

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ratchet.contracts import APP_NAME, APPROVER_NAME, CASES, LOOKS
@@ -53,7 +53,10 @@ class GateSettings(BaseSettings):
         default=20, ge=0, description="Pool cases no decision may use: fresh cases for verify."
     )
     verify_cases: int = Field(
-        default=100, ge=1, description="Fresh cases the check after applying runs."
+        default=100,
+        ge=0,
+        description="Fresh cases the check after applying runs. 0: no such check, only with a "
+        "canary (canary_share above 0), which checks the change on live traffic instead.",
     )
     holdout_cases: int = Field(default=200, ge=1, description="Holdout cases run after a keep.")
     pool_budget: int = Field(
@@ -81,10 +84,19 @@ class GateSettings(BaseSettings):
         default=0.05, gt=0.0, lt=0.5, description="Error rate of the canary's test, anytime."
     )
     canary_max_runs: int = Field(
-        default=5000,
+        default=20_000,
         ge=1,
         description="Canary-arm runs after which a canary not yet shown no worse is rolled back.",
     )
+
+    @model_validator(mode="after")
+    def _something_checks_an_applied_change(self) -> GateSettings:
+        if self.verify_cases == 0 and self.canary_share == 0:
+            raise ValueError(
+                "verify_cases 0 skips the check after applying; it needs a canary (canary_share "
+                "above 0) to check the change on live traffic instead"
+            )
+        return self
 
 
 class Settings(BaseSettings):

@@ -96,6 +96,15 @@ class WorldSettings(BaseSettings):
         default=0.25, ge=0.0, description="How unevenly a change acts across cases."
     )
     latency_s: float = Field(default=0.0, ge=0.0, description="Sleep per model call (seconds).")
+    judge_latency_s: float = Field(
+        default=0.0, ge=0.0, description="Sleep per call of the scripted judges (seconds)."
+    )
+    proposer_mean: float = Field(
+        default=-0.01, description="Mean true effect of the fake proposer's candidates."
+    )
+    proposer_sd: float = Field(
+        default=0.06, ge=0.0, description="Standard deviation of those effects."
+    )
 
 
 # --- counter-based randomness -------------------------------------------------------------------

@@ -28,15 +28,18 @@ from ratchet.contracts import (
     ChangeRejected,
     Event,
     GateRunRequested,
+    RunReported,
     RunScored,
 )
 from ratchet.messaging import EVENTS_STREAM, PROMPTS_BUCKET, connect
 from ratchet.natsconf import (
+    CONSOLE,
     EVERY_QUERY,
     KV_STREAM,
     POLICY_APPROVER,
     Role,
     approver_user,
+    console_sender,
     users,
 )
 from ratchet.natsproc import LocalNats, free_port, start_nats
@@ -123,6 +126,9 @@ GATEKEEPER_DURABLES = [
     ("gatekeeper-scored", "run.scored"),
     ("gatekeeper-approvals", "change.approved.*"),
     ("gatekeeper-rejections", "change.rejected.*"),
+    ("gatekeeper-console-proposals", "change.proposed.console.*"),
+    ("gatekeeper-console-approvals", "change.approved.console.*"),
+    ("gatekeeper-console-rejections", "change.rejected.console.*"),
 ]
 
 
@@ -155,8 +161,8 @@ class Act:
 
 
 def _event_subjects(senders: list[str]) -> list[str]:
-    """Every event subject of ratchet.contracts; proposals and decisions once per user and
-    approver name (``senders``), once for a name nobody has, and bare."""
+    """Every event subject of ratchet.contracts; proposals, decisions and reported runs once per
+    user, approver and app name (``senders``), once for a name nobody has, and bare."""
 
     def walk(base: type[Event]) -> Iterator[type[Event]]:
         for cls in base.__subclasses__():
@@ -168,7 +174,7 @@ def _event_subjects(senders: list[str]) -> list[str]:
         subject = getattr(event_type, "subject", None)
         if subject is None:
             continue
-        if issubclass(event_type, Attributed):
+        if issubclass(event_type, (Attributed, RunReported)):
             subjects += [event_type.subject_of(name) for name in [*senders, "mallory"]]
         subjects.append(subject)
     return sorted(set(subjects))
@@ -179,7 +185,10 @@ def _matrix(table: dict[str, Role]) -> list[Act]:
     (a user publishes what it names, acknowledges and dead-letters its own consumers, reads the
     prompts if it is a reader, hears its own inbox), not from the generated allow-lists."""
     approvers = [user.removeprefix("approver-") for user in table if user.startswith("approver-")]
-    events = _event_subjects([*table, *approvers])
+    apps = [user.removeprefix("app-") for user in table if user.startswith("app-")]
+    # the console's reviewers, one token further: a reviewer, and a name with a token too many
+    reviewers = [console_sender("alice"), f"{console_sender('alice')}.extra"]
+    events = _event_subjects([*table, *approvers, *apps, *reviewers])
     durables = sorted({consumer for role in table.values() for consumer in role.consumers})
 
     def own(durable: str) -> Callable[[str, Role], bool]:
@@ -240,11 +249,19 @@ def _matrix(table: dict[str, Role]) -> list[Act]:
     return acts
 
 
+APPS = ["shop"]  # an instrumented app
+
+
 @pytest.fixture
 def server_with_a_person(tmp_path: Path) -> Iterator[LocalNats]:
-    """Ratchet's server with its services' users, the policy approver and a person approver."""
+    """Ratchet's server with its services' users, the policy approver, a person approver and
+    an instrumented app."""
     server = start_nats(
-        tmp_path / "home", free_port(), log_path=tmp_path / "nats.log", approvers=["operator"]
+        tmp_path / "home",
+        free_port(),
+        log_path=tmp_path / "nats.log",
+        approvers=["operator"],
+        apps=APPS,
     )
     yield server
     server.stop()
@@ -279,7 +296,7 @@ async def test_the_server_answers_every_user_as_the_table_says(
     """The role-by-subject matrix: each event subject (proposals and decisions per sender),
     each query, dead letters, the prompt bucket, the JetStream API and acknowledgements of every
     durable, flow control, and every user's inbox, for every user."""
-    table = users(["operator"])
+    table = users(["operator"], APPS)
     acts = _matrix(table)
     assert len({f"{a.verb} {a.subject}".lower() for a in acts}) == len(acts)
     mismatches = []
@@ -531,6 +548,29 @@ async def test_a_proposal_is_published_by_the_user_its_subject_names_only(
         assert _refused(await _publish_as(server, user, bare), bare), user
 
 
+async def test_the_console_decides_and_proposes_only_for_a_reviewer(
+    server_with_a_person: LocalNats,
+) -> None:
+    """The review console's user decides and proposes one token further than an approver, as
+    ``console.<reviewer>``, and never as itself or anyone else; nobody else may use its
+    subjects."""
+    server = server_with_a_person
+    console = approver_user(CONSOLE)
+    for kind in (ChangeApproved, ChangeRejected, ChangeProposed):
+        reviewers = kind.subject_of(console_sender("alice"))
+        assert await _publish_as(server, console, reviewers) == [], kind
+        for other in (
+            kind.subject_of(CONSOLE),  # the console in its own name
+            kind.subject_of("operator"),
+            kind.subject_of("client"),
+            f"{reviewers}.extra",
+            kind.subject,
+        ):
+            assert _refused(await _publish_as(server, console, other), other), other
+        for user in (OPERATOR, POLICY, "client", "proposer", "gatekeeper"):
+            assert _refused(await _publish_as(server, user, reviewers), reviewers), user
+
+
 async def test_wrong_password_is_refused(nats_server: LocalNats) -> None:
     settings = nats_server.settings_for("executor").model_copy(update={"nats_password": "wrong"})
     with pytest.raises(Exception, match=r"[Aa]uthorization"):
@@ -575,3 +615,32 @@ async def test_only_the_gatekeeper_may_answer_audit_queries(nats_server: LocalNa
     for role in ("executor", "evaluator", "failure-store", "proposer", POLICY, "client"):
         violations = await refusal_to(role)
         assert any("permissions violation" in v.lower() for v in violations), (role, violations)
+
+
+async def test_people_may_ask_for_a_changes_gate_runs_and_the_proposer_may_not(
+    nats_server: LocalNats,
+) -> None:
+    """``query.runs`` shows the gate's cases: the failure store answers it for the CLI and the
+    console; the server refuses the proposer's request before it reaches anyone."""
+    store = await connect(nats_server.settings_for("failure-store"), name="failure-store")
+    asked: list[str] = []
+    try:
+
+        async def answer(msg: nats.aio.msg.Msg) -> None:
+            asked.append(msg.data.decode())
+            await msg.respond(b"[]")
+
+        await store.subscribe("query.runs", cb=answer)
+        await _round_trip(store)
+        for role in ("client", approver_user(CONSOLE)):
+            reply, errors = await _as(
+                nats_server, role, lambda nc, who=role: nc.request("query.runs", who.encode(), 5)
+            )
+            assert reply is not None and reply.data == b"[]" and errors == [], role
+        reply, errors = await _as(
+            nats_server, "proposer", lambda nc: nc.request("query.runs", b"proposer", 5)
+        )
+        assert reply is None and _refused(errors, "query.runs"), errors
+    finally:
+        await store.close()
+    assert asked == ["client", approver_user(CONSOLE)]

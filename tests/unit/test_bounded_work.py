@@ -28,7 +28,15 @@ from ratchet.contracts import (
 )
 from ratchet.messaging import Unprocessable, _summary
 from ratchet.prompts import PromptRecord, PromptVersion
-from ratchet.queries import REPLY_BYTES, TRIMMED_HEADER, list_reply
+from ratchet.queries import (
+    REPLY_BYTES,
+    RUNS_QUERY_CASES,
+    RUNS_QUERY_REPEATS,
+    TRIMMED_HEADER,
+    GateCase,
+    GateRun,
+    list_reply,
+)
 from ratchet.rules import load_rules
 from ratchet.scripted import scripted_model
 from ratchet.store import FailureRecord
@@ -42,6 +50,7 @@ from ratchet_evaluator.checks import (
 )
 from ratchet_evaluator.scoring import OUTPUT_CUT, score_run
 from ratchet_executor.agent import Executor, build_default_agent
+from ratchet_failure_store.gate_runs import cases_in_reply
 from ratchet_failure_store.recorder import shown_in_reply, within_limits
 
 RULES = load_rules(Path(__file__).parents[2] / "config" / "behavior_rules.json")
@@ -310,6 +319,31 @@ def test_a_failure_stored_before_the_limits_is_cut_for_replies() -> None:
     assert len(shown.output) == OUTPUT_CHARS and len(shown.trace) == TRACE_STEPS
     assert all(len(s.output) <= TRACE_TEXT_CHARS for s in shown.trace)
     assert within_limits(failure(2)) == failure(2)
+
+
+def test_the_most_gate_runs_one_query_may_ask_for_fit_in_one_reply() -> None:
+    """``query.runs`` at its bounds (50 cases, 10 repeats of each arm) with every text at its
+    limit: every case comes back, with texts cut until they fit, and the reply says so; past the
+    shortest texts, whole cases are left out, never a reply too large to send."""
+    run = GateRun(arm="current", repeat=0, output="o" * OUTPUT_CHARS, problems=["p" * 400] * 16)
+    cases = [
+        GateCase(case_id=f"k{i}", input="i" * 16_000, runs=[run] * (2 * RUNS_QUERY_REPEATS))
+        for i in range(RUNS_QUERY_CASES)
+    ]
+    shown, shortened = cases_in_reply(cases, REPLY_BYTES)
+    assert shortened == "inputs, outputs, errors and problems cut to 250 characters"
+    assert {len(r.output or "") for c in shown for r in c.runs} == {250}
+    assert {len(r.problems) for c in shown for r in c.runs} == {3}
+    reply = list_reply(shown, noun="cases", shortened=shortened)
+    assert isinstance(reply.body, bytes) and len(reply.body) <= REPLY_BYTES
+    kept = json.loads(reply.body)
+    assert 0 < len(kept) < RUNS_QUERY_CASES
+    assert reply.headers[TRIMMED_HEADER].startswith(
+        f"{shortened} to fit in one reply; {RUNS_QUERY_CASES - len(kept)} of 50 cases left out"
+    )
+    small = [c.model_copy(update={"runs": c.runs[:2]}) for c in cases]
+    shown, shortened = cases_in_reply(small, REPLY_BYTES)
+    assert len(shown) == RUNS_QUERY_CASES and shortened.endswith("cut to 4000 characters")
 
 
 def test_a_dead_letter_reason_names_an_unknown_version_first() -> None:

@@ -29,7 +29,8 @@ INSTRUCTIONS = {
     "FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME",
     "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL",
 }  # fmt: skip
-NOT_SERVICES = {"build", "base", "local-model"}  # the other stages of the Dockerfile
+# the other stages of the Dockerfile (the review console is an operator tool, not a service)
+NOT_SERVICES = {"build", "base", "local-model", "console"}
 
 
 def is_settings_field(variable: str) -> bool:

@@ -9,8 +9,15 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
 
-from ratchet.contracts import RunCompleted, RunRequested
-from ratchet.prompts import DEFAULT_PROMPT, PromptRecord, PromptVersion, sha256_text
+from ratchet.contracts import GateRunRequested, RunCompleted, RunContext, RunRequested
+from ratchet.prompts import (
+    DEFAULT_PROMPT,
+    Canary,
+    PromptRecord,
+    PromptVersion,
+    in_canary,
+    sha256_text,
+)
 from ratchet.rules import Rules, compose_system_prompt, load_rules
 from ratchet.scripted import ScriptedChatModel, scripted_model
 from ratchet.tools import get_tools
@@ -143,6 +150,84 @@ async def test_run_records_the_rules_hash_and_echoes_the_request(rules: Rules) -
     assert (run.task, run.input) == ("answer-only", QUESTION)
     assert run.model == "scripted:prompt-sensitive"
     assert run.output == "The answer is: 12."
+
+
+# --- canary: which version a live run is served (issue 10) --------------------------------------
+
+STABLE, CANARY = "Help the user.", "Reply with only the final answer."
+
+
+def in_canary_record(share: float = 0.3) -> PromptVersion:
+    """Version 5 of answer-only, made by change c9, serving ``share`` of live traffic; the rest
+    gets version 4."""
+    canary = Canary(share=share, stable_version=4, stable_text=STABLE)
+    record = PromptRecord(text=CANARY, kind="change", change_id="c9", canary=canary)
+    return PromptVersion(task="answer-only", version=5, record=record)
+
+
+async def test_live_runs_split_by_run_id_and_report_the_version_they_ran(rules: Rules) -> None:
+    """400 live runs, fixed ids, share 0.3: the split follows the hash of each run id exactly,
+    near the share (binomial sd 0.023), and each run reports the version and text it got."""
+    prompts = FakePromptSource({"answer-only": in_canary_record(share=0.3)})
+    executor = executor_for(scripted_model("prompt-sensitive"), rules, prompts)
+
+    runs = [await executor.execute(request(run_id=f"live-{i}")) for i in range(400)]
+
+    on_canary = [run for run in runs if run.prompt_version == 5]
+    print(f"share=0.3 runs={len(runs)} canary={len(on_canary)} ({len(on_canary) / len(runs):.3f})")
+    assert 0.23 * len(runs) <= len(on_canary) <= 0.37 * len(runs)
+    for run in runs:
+        canary = in_canary("c9", run.run_id, 0.3)
+        assert run.prompt_version == (5 if canary else 4)
+        assert run.prompt_sha256 == sha256_text(CANARY if canary else STABLE)
+        assert run.output == ("12" if canary else "The answer is: 12.")
+
+
+async def test_one_rollout_key_always_gets_one_version(rules: Rules) -> None:
+    """A conversation (its rollout key) sees one version across all its runs, whatever their
+    ids; different keys split."""
+    prompts = FakePromptSource({"answer-only": in_canary_record(share=0.5)})
+    executor = executor_for(scripted_model("prompt-sensitive"), rules, prompts)
+
+    versions = {
+        key: {
+            (await executor.execute(request(run_id=f"{key}-{i}", rollout_key=key))).prompt_version
+            for i in range(10)
+        }
+        for key in (f"user-{n}" for n in range(20))
+    }
+
+    assert all(len(seen) == 1 for seen in versions.values()), versions
+    assert {v for seen in versions.values() for v in seen} == {4, 5}
+    assert all(seen == {5 if in_canary("c9", key, 0.5) else 4} for key, seen in versions.items())
+
+
+async def test_gate_runs_and_pinned_runs_run_the_stored_record_itself(rules: Rules) -> None:
+    """A measurement of version 5 must run version 5, not the stable arm of its canary."""
+    prompts = FakePromptSource({"answer-only": in_canary_record(share=0.01)})
+    executor = executor_for(scripted_model("prompt-sensitive"), rules, prompts)
+    gate = RunContext(purpose="gate", change_id="c9", case_id="k1", stage="verify")
+
+    gate_runs = [
+        await executor.execute(
+            GateRunRequested(task="answer-only", input=QUESTION, run_id=f"g{i}", context=gate)
+        )
+        for i in range(20)
+    ]
+    pinned = [
+        await executor.execute(request(run_id=f"p{i}", min_prompt_version=5)) for i in range(20)
+    ]
+
+    assert {run.prompt_version for run in [*gate_runs, *pinned]} == {5}
+    assert {run.prompt_sha256 for run in [*gate_runs, *pinned]} == {sha256_text(CANARY)}
+
+
+async def test_a_live_run_without_a_stored_prompt_gets_the_default(rules: Rules) -> None:
+    executor = executor_for(scripted_model("prompt-sensitive"), rules, FakePromptSource())
+
+    run = await executor.execute(request(rollout_key="user-1"))
+
+    assert (run.prompt_version, run.prompt_sha256) == (0, sha256_text(DEFAULT_PROMPT))
 
 
 # --- min_prompt_version -------------------------------------------------------------------------

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
+from ratchet.contracts import TokenUsage
 from ratchet.scripted import ScriptedChatModel, scripted_model
 from ratchet_evaluator.judge import NO_PROBLEM_GIVEN, Judge, JudgeError, Verdict
 
@@ -25,8 +27,8 @@ class FakeJudgeModel:
 
 
 async def test_scripted_yes_and_no_judges_give_their_verdicts() -> None:
-    yes = await Judge(scripted_model("judge-yes"), label="yes").judge("t", "What is 2+2?", "4")
-    no = await Judge(scripted_model("judge-no"), label="no").judge("t", "What is 2+2?", "")
+    yes, _ = await Judge(scripted_model("judge-yes"), label="yes").judge("t", "What is 2+2?", "4")
+    no, _ = await Judge(scripted_model("judge-no"), label="no").judge("t", "What is 2+2?", "")
 
     assert yes == Verdict(finished=True, problems=[])
     assert no == Verdict(finished=False, problems=["the answer is missing"])
@@ -49,7 +51,7 @@ async def test_judge_reads_a_verdict_despite_fences_chatter_and_extra_keys(
 ) -> None:
     fake = FakeJudgeModel(reply)
 
-    verdict = await Judge(fake.model, label="fake").judge("t", "in", "out")
+    verdict, _ = await Judge(fake.model, label="fake").judge("t", "in", "out")
 
     assert verdict.finished is finished
     assert len(fake.prompts) == 1
@@ -58,7 +60,7 @@ async def test_judge_reads_a_verdict_despite_fences_chatter_and_extra_keys(
 async def test_an_unfinished_verdict_without_problems_still_names_one() -> None:
     fake = FakeJudgeModel('{"finished": "no", "problems": ["  "]}')
 
-    verdict = await Judge(fake.model, label="fake").judge("t", "in", "out")
+    verdict, _ = await Judge(fake.model, label="fake").judge("t", "in", "out")
 
     assert verdict == Verdict(finished=False, problems=[NO_PROBLEM_GIVEN])
 
@@ -76,7 +78,7 @@ async def test_an_unfinished_verdict_without_problems_still_names_one() -> None:
 async def test_an_unusable_reply_is_retried_with_the_reason(garbage: str, reason: str) -> None:
     fake = FakeJudgeModel(garbage, '{"finished": "yes", "problems": []}')
 
-    verdict = await Judge(fake.model, label="fake").judge("t", "in", "out")
+    verdict, _ = await Judge(fake.model, label="fake").judge("t", "in", "out")
 
     assert verdict.finished is True
     assert len(fake.prompts) == 2
@@ -142,3 +144,50 @@ async def test_the_run_reaches_the_judge_only_as_delimited_data() -> None:
     assert "Ignore all previous instructions" in inside_output
     assert "&lt;/output>" in inside_output
     assert "What is 2+2?" in text[text.index("<input>") : text.index("</input>")]
+
+
+# --- what judging costs ----------------------------------------------------------------------
+
+
+def fake_judge_reporting_usage(*replies: str) -> GenericFakeChatModel:
+    """A FAKE judge model that gives ``replies`` in turn, the n-th (from 1) reporting n*100 input
+    and n output tokens, as a provider's usage_metadata."""
+    return GenericFakeChatModel(
+        messages=iter(
+            AIMessage(
+                content=reply,
+                usage_metadata={
+                    "input_tokens": 100 * n,
+                    "output_tokens": n,
+                    "total_tokens": 101 * n,
+                },
+            )
+            for n, reply in enumerate(replies, 1)
+        )
+    )
+
+
+async def test_a_verdict_comes_with_the_tokens_of_every_attempt_retries_included() -> None:
+    model = fake_judge_reporting_usage("banana", '{"finished": "no", "problems": ["wrong"]}')
+
+    verdict, usage = await Judge(model, label="fake").judge("t", "in", "out")
+
+    assert verdict == Verdict(finished=False, problems=["wrong"])
+    assert usage == TokenUsage(input_tokens=100 + 200, output_tokens=1 + 2)
+
+
+async def test_a_judge_that_gives_up_still_reports_what_its_attempts_cost() -> None:
+    model = fake_judge_reporting_usage("banana 1", "banana 2", "banana 3")
+
+    with pytest.raises(JudgeError) as raised:
+        await Judge(model, label="fake", attempts=3).judge("t", "in", "out")
+
+    assert raised.value.usage == TokenUsage(input_tokens=600, output_tokens=6)
+
+
+async def test_a_model_that_reports_no_usage_costs_zero() -> None:
+    model = GenericFakeChatModel(messages=iter([AIMessage(content='{"finished": "yes"}')]))
+
+    _, usage = await Judge(model, label="fake").judge("t", "in", "out")
+
+    assert usage == TokenUsage()

@@ -17,16 +17,19 @@ import bcrypt
 import pytest
 
 from ratchet.contracts import (
-    Attributed,
     ChangeApproved,
     ChangeProposed,
     ChangeRejected,
     Event,
+    RunReported,
 )
+from ratchet.jetstream import app_user
 from ratchet.messaging import EVENTS_STREAM, PROMPTS_BUCKET, QUERY_PREFIX
 from ratchet.natsconf import (
     ADMIN,
     CLIENT,
+    CONSOLE,
+    CONSOLE_SENDERS,
     EVERY_QUERY,
     POLICY_APPROVER,
     PROPOSER,
@@ -42,7 +45,9 @@ from ratchet.services import SERVICES
 
 PROMPT_WRITE = f"$KV.{PROMPTS_BUCKET}.>"
 APPROVERS = ("alice", "bob")
-TABLE = users(APPROVERS)
+INSTRUMENTED = ("app", "shop")  # instrumented apps, one NATS user each
+APP_USERS = {f"app-{name}" for name in INSTRUMENTED}
+TABLE = users(APPROVERS, INSTRUMENTED)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +98,7 @@ def test_config_carries_listen_address_and_jetstream_dir(config: dict[str, Any])
 def test_every_user_has_a_bcrypt_hash_of_its_password_and_no_password_is_in_the_config(
     users_: dict[str, dict[str, Any]], passwords: dict[str, str], text: str
 ) -> None:
-    assert set(users_) == {ADMIN, *ROLES, "approver-alice", "approver-bob"}
+    assert set(users_) == {ADMIN, *ROLES, "approver-alice", "approver-bob", *APP_USERS}
     for name, user in users_.items():
         stored = user["password"]
         assert stored.startswith("$2b$") and stored != passwords[name]
@@ -136,6 +141,8 @@ def test_each_approver_may_publish_only_its_own_decisions(
             if s.startswith(("change.approved", "change.rejected"))
         ]
         name = approver_name(user)
+        if name == CONSOLE:  # the console decides only for its reviewers (console.<reviewer>)
+            name = CONSOLE_SENDERS
         expected = [] if name is None else [f"change.approved.{name}", f"change.rejected.{name}"]
         assert decisions == expected, user
 
@@ -151,6 +158,8 @@ def test_each_proposing_user_may_publish_only_its_own_proposals(
     for user in TABLE:
         proposals = [s for s in publish_allow(users_, user) if s.startswith("change.proposed")]
         expected = [ChangeProposed.subject_of(user)] if user in (PROPOSER, CLIENT) else []
+        if user == approver_user(CONSOLE):  # a reviewer's rollback: the one thing it proposes
+            expected = [ChangeProposed.subject_of(CONSOLE_SENDERS)]
         assert proposals == expected, user
 
 
@@ -167,18 +176,26 @@ def test_the_gatekeeper_hears_every_proposer_on_a_durable_of_its_own(
 
 
 def test_no_user_has_a_wildcard_over_event_subjects(users_: dict[str, dict[str, Any]]) -> None:
+    """But the console's one token for its reviewers, under its own name (console.*)."""
     for user in TABLE:
         for subject in publish_allow(users_, user):
             if subject.split(".")[0] in ("run", "failure", "change"):
-                assert "*" not in subject and ">" not in subject, (user, subject)
+                own_reviewers = user == approver_user(CONSOLE) and subject.endswith(
+                    f".{CONSOLE_SENDERS}"
+                )
+                if not own_reviewers:
+                    assert "*" not in subject and ">" not in subject, (user, subject)
 
 
-def test_evaluator_may_create_only_its_durable_filtered_on_run_completed(
+def test_evaluator_may_create_only_its_durables_on_finished_runs(
     users_: dict[str, dict[str, Any]],
 ) -> None:
     creates = [s for s in publish_allow(users_, "evaluator") if ".CONSUMER.CREATE." in s]
 
-    assert creates == [f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.evaluator.run.completed"]
+    assert creates == [
+        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.evaluator.run.completed",
+        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.evaluator-reported.run.reported.*",
+    ]
 
 
 def test_consumers_acks_and_dead_letters_are_each_users_own(
@@ -201,7 +218,7 @@ def test_consumers_acks_and_dead_letters_are_each_users_own(
 
 
 def test_the_cli_and_people_write_no_dead_letters(users_: dict[str, dict[str, Any]]) -> None:
-    for user in ("client", "approver-alice", "approver-bob"):
+    for user in ("client", "approver-alice", "approver-bob", *APP_USERS):
         assert not [s for s in publish_allow(users_, user) if s.startswith("dlq.")], user
 
 
@@ -245,7 +262,7 @@ def test_generate_passwords_gives_distinct_random_passwords() -> None:
 def test_each_table_is_asked_of_its_owner_only(users_: dict[str, dict[str, Any]]) -> None:
     """One owner per table: the failure store answers for failures, the gatekeeper for the
     audit trail; nobody else can take those questions."""
-    for subject in ("query.failures", "query.groups", "query.count"):
+    for subject in ("query.failures", "query.groups", "query.count", "query.runs"):
         assert subscribers(users_, subject) == {"failure-store"}, subject
     for subject in ("query.changes", "query.change", "query.audit"):
         assert subscribers(users_, subject) == {"gatekeeper"}, subject
@@ -266,6 +283,18 @@ def test_the_proposer_asks_the_failure_store_and_nothing_else(
     assert queries == {"query.failures", "query.groups", "query.count"}
 
 
+def test_only_people_may_ask_for_a_changes_gate_runs(users_: dict[str, dict[str, Any]]) -> None:
+    """``query.runs`` shows the gate's cases: people (the CLI, approvers, the console) may ask
+    the failure store for it; the proposer, the services and the apps may not."""
+    askers = {user for user in TABLE if "query.runs" in publish_allow(users_, user)}
+    assert askers == {
+        "client",
+        approver_user(CONSOLE),
+        approver_user(POLICY_APPROVER),
+        *(approver_user(name) for name in APPROVERS),
+    }
+
+
 def test_people_and_approvers_may_read_the_audit_trail(
     users_: dict[str, dict[str, Any]],
 ) -> None:
@@ -282,6 +311,62 @@ def test_only_the_gatekeeper_announces_audit_records(users_: dict[str, dict[str,
 def test_an_approver_name_must_be_one_plain_subject_token(name: str) -> None:
     with pytest.raises(ValueError, match="not an approver name"):
         users([name])
+
+
+# --- instrumented apps (issue 10) ----------------------------------------------------------------
+
+
+def test_an_app_may_read_prompts_and_publish_its_own_runs_and_nothing_else(
+    users_: dict[str, dict[str, Any]],
+) -> None:
+    """What the SDK in a user's service needs: the prompts (get, history, watch) and its own
+    ``run.reported.<app>``. No score, decision, proposal, prompt write, run request, query or
+    dead letter; no core subscription but its inbox."""
+    for name in INSTRUMENTED:
+        user = app_user(name)
+        role = TABLE[user]
+        assert role.publish == (RunReported.subject_of(name),)
+        assert role.reads_prompts and not role.consumers and not role.subscribe
+        allow = publish_allow(users_, user)
+        events = [s for s in allow if s.split(".")[0] in ("run", "failure", "change", "dlq")]
+        assert events == [f"run.reported.{name}"], user
+        assert not [s for s in allow if s.startswith((f"{QUERY_PREFIX}.", "$KV."))], user
+        assert subscribe_allow(users_, user) == [f"_INBOX_{user}.>"]
+        assert "allow_responses" not in users_[user]["permissions"]
+
+
+def test_each_apps_reports_are_published_by_that_app_only(
+    users_: dict[str, dict[str, Any]],
+) -> None:
+    """The origin the evaluator and the failure store record is the subject's last token, so no
+    app, and no service, may report as another app."""
+    for name in INSTRUMENTED:
+        assert publishers(users_, RunReported.subject_of(name)) == {app_user(name)}
+    assert publishers(users_, RunReported.subject) == set()
+    for user in TABLE:
+        reports = [s for s in publish_allow(users_, user) if s.startswith(RunReported.subject)]
+        assert len(reports) == (user in APP_USERS), user
+
+
+def test_reported_runs_are_consumed_by_the_evaluator_and_the_failure_store() -> None:
+    """On durables of their own (JetStream keeps an existing durable's filter); a malformed
+    report is dead-lettered on ``dlq.run.reported.<app>``, which ``dlq.run.reported.*`` allows."""
+    readers = {
+        (user, durable)
+        for user, role in TABLE.items()
+        for durable, subject in role.consumers
+        if subject == "run.reported.*"
+    }
+    assert readers == {
+        ("evaluator", "evaluator-reported"),
+        ("failure-store", "failure-store-reported"),
+    }
+
+
+@pytest.mark.parametrize("name", ["", "App", "a.b", "a*", "a>", "a b", "-a", "x" * 33])
+def test_an_app_name_must_be_one_plain_subject_token(name: str) -> None:
+    with pytest.raises(ValueError, match="not an app name"):
+        users(apps=[name])
 
 
 def test_secrets_are_written_owner_only_even_over_a_readable_file(tmp_path: Path) -> None:
@@ -327,7 +412,8 @@ def test_every_event_subject_has_a_publisher_in_the_table() -> None:
             for user, role in TABLE.items()
             for allowed in role.publish
             if allowed == subject
-            or (issubclass(event_type, Attributed) and allowed.startswith(f"{subject}."))
+            # proposals, decisions and reported runs: each sender on its own subject
+            or (hasattr(event_type, "subject_of") and allowed.startswith(f"{subject}."))
         }
         assert named, f"{event_type.__name__} ({subject}): no user may publish it"
 

@@ -6,8 +6,9 @@ Every table has one owning service (docs/architecture.md, "Who owns what"): ``ru
 - only the two owners open the shared store at all (``open_store``);
 - each write to a shared table (the store's write methods have names nothing else uses) is made
   from its owner's package only;
-- no operator tool (the ``ratchet.cli`` package: the commands, ``demo``, ``client``, ``up``, and
-  everything they import from this project) can reach a database: they ask the owners over NATS;
+- no operator tool (the ``ratchet.cli`` package: the commands, ``demo``, ``client``, ``up``; the
+  review console, ``ratchet.console``; and everything they import from this project) can reach a
+  database: they ask the owners over NATS;
 - the library and the services never import the operator tools.
 
 Reads are not told apart here: ``Store.audit`` and ``Store.failures`` share their names with the
@@ -36,6 +37,7 @@ WRITES = {
 DATABASE_NAMES = {"open_store", "SqliteStore", "MongoStore"}
 DRIVERS = {"sqlite3", "aiosqlite", "pymongo"}
 TOOLS_PACKAGE = "ratchet.cli"  # the operator tools: the CLI's commands, client, demo, up, render
+CONSOLE_PACKAGE = "ratchet.console"  # and the review console, a client of the services like them
 
 
 def project_modules() -> Iterator[tuple[str, ast.Module]]:
@@ -74,7 +76,7 @@ def imports(tree: ast.Module) -> set[str]:
 
 
 def is_tool(module: str) -> bool:
-    return module == TOOLS_PACKAGE or module.startswith(f"{TOOLS_PACKAGE}.")
+    return any(module == p or module.startswith(f"{p}.") for p in (TOOLS_PACKAGE, CONSOLE_PACKAGE))
 
 
 def package_of(module: str) -> str:
@@ -120,7 +122,9 @@ def reachable_from(roots: tuple[str, ...]) -> dict[str, ast.Module]:
 
 def test_no_operator_tool_can_reach_a_database() -> None:
     tools = tuple(name for name, _ in project_modules() if is_tool(name))
-    assert {"ratchet.cli", "ratchet.cli.demo", "ratchet.cli.client"} <= set(tools)
+    assert {"ratchet.cli", "ratchet.cli.demo", "ratchet.cli.client", "ratchet.console.app"} <= set(
+        tools
+    )
     reached = reachable_from(tools)
     assert set(tools) <= reached.keys()
     assert all(importlib.util.find_spec(name) is not None for name in tools)

@@ -96,6 +96,20 @@ async def test_failure_record_keeps_what_the_proposer_needs(
     assert [step.kind for step in record.trace] == ["model"]
 
 
+async def test_a_failure_and_its_event_keep_the_runs_origin(
+    recorder: FailureRecorder, store: Store
+) -> None:
+    """A production failure an app reported joins the same store, tagged with its origin."""
+    run_id = "app:shop/r7"
+    await recorder.on_completed(completed(run_id, origin="app:shop"))
+    event = await recorder.on_scored(scored(run_id, score=0.0, origin="app:shop"))
+
+    assert event is not None and event.origin == "app:shop"
+    [record] = await store.failures(FailureQuery(origin="app:shop"))
+    assert (record.run_id, record.origin) == (run_id, "app:shop")
+    assert await store.failures(FailureQuery(origin="executor")) == []
+
+
 @pytest.mark.parametrize("score", [THRESHOLD, 0.9, 1.0])
 async def test_a_passing_score_is_not_a_failure(
     recorder: FailureRecorder, store: Store, score: float

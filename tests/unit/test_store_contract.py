@@ -35,7 +35,7 @@ from ratchet.audit import (
     verify_chain,
     verify_trail,
 )
-from ratchet.contracts import RunCompleted, RunScored, TraceStep
+from ratchet.contracts import RunCompleted, RunContext, RunScored, TraceStep
 from ratchet.store import FailureQuery, FailureRecord, MongoStore, Store, open_store
 
 MONGODB_URI = os.environ.get("MONGODB_URI")
@@ -142,8 +142,10 @@ def failure(
     logged_at: datetime,
     task: str = "math",
     problems: tuple[str, ...] = ("wrong answer",),
+    origin: str = "executor",
 ) -> FailureRecord:
     return FailureRecord(
+        origin=origin,
         run_id=run_id,
         task=task,
         input="2+2?",
@@ -307,6 +309,124 @@ async def test_count_failures_by_task_since(store: Store) -> None:
     assert await store.count_failures("math") == 4
     assert await store.count_failures("math", since=T0 + timedelta(minutes=2)) == 2
     assert await store.count_failures("chat", since=T0 + timedelta(minutes=2)) == 0
+
+
+# --- origins (issue 10) ------------------------------------------------------------------------
+
+SHOP = "app:shop"
+
+
+@pytest.mark.parametrize("scored_first", [False, True], ids=["completed-first", "scored-first"])
+async def test_a_run_keeps_its_origin(store: Store, scored_first: bool) -> None:
+    run = completed("app:shop/r1").model_copy(update={"origin": SHOP})
+    score = scored("app:shop/r1").model_copy(update={"origin": SHOP})
+
+    for event in (score, run) if scored_first else (run, score):
+        saved = await (
+            store.save_scored(event)
+            if isinstance(event, RunScored)
+            else store.save_completed(event)
+        )
+        assert saved.origin == SHOP
+
+    stored = await store.get_run("app:shop/r1")
+    assert stored is not None and stored.origin == SHOP and stored.completed == run
+    executor_run = await store.save_completed(completed("r2"))
+    assert executor_run.origin == "executor"
+
+
+async def test_failures_show_and_filter_by_origin(store: Store) -> None:
+    await store.add_failure(failure("r1", T0))
+    await store.add_failure(failure("app:shop/r2", T0 + timedelta(minutes=1), origin=SHOP))
+    await store.add_failure(failure("app:desk/r3", T0 + timedelta(minutes=2), origin="app:desk"))
+
+    everything = await store.failures(FailureQuery())
+    assert [(f.run_id, f.origin) for f in everything] == [
+        ("app:desk/r3", "app:desk"),
+        ("app:shop/r2", SHOP),
+        ("r1", "executor"),
+    ]
+    assert [f.run_id for f in await store.failures(FailureQuery(origin=SHOP))] == ["app:shop/r2"]
+    assert [f.run_id for f in await store.failures(FailureQuery(origin="executor"))] == ["r1"]
+    assert await store.failures(FailureQuery(task="chat", origin=SHOP)) == []
+    assert await store.count_failures("math") == 3  # the proposer counts every origin
+
+
+# --- a change's gate runs (query.runs) ---------------------------------------------------------
+
+
+def gate_context(
+    case: str, arm: str = "candidate", repeat: int = 0, change: str = "c1", stage: str = "measure"
+) -> RunContext:
+    return RunContext.model_validate(
+        {
+            "purpose": "gate",
+            "change_id": change,
+            "case_id": case,
+            "stage": stage,
+            "arm": arm,
+            "repeat": repeat,
+        }
+    )
+
+
+def gate_run(run_id: str, context: RunContext, output: str = "4") -> RunCompleted:
+    return completed(run_id, output=output).model_copy(update={"context": context})
+
+
+def gate_score(run_id: str, context: RunContext, score: float = 1.0) -> RunScored:
+    return scored(run_id, score=score).model_copy(update={"context": context})
+
+
+async def test_gate_runs_are_found_by_change_stage_case_and_repeat(store: Store) -> None:
+    """Both arms' runs of the cases asked for, repeats below the bound, by case, arm and repeat;
+    never another change's, another stage's, or a live run's (whatever its context names)."""
+    for case in ("k1", "k2", "k3"):
+        for arm in ("current", "candidate"):
+            for repeat in range(3):
+                context = gate_context(case, arm, repeat)
+                run_id = f"c1.nonce.measure.{arm}.{case}.{repeat}"
+                await store.save_completed(gate_run(run_id, context, output=f"{arm} {case}"))
+                await store.save_scored(gate_score(run_id, context))
+    await store.save_scored(gate_score("scored-only", gate_context("k1", "current", 1)))
+    await store.save_completed(gate_run("other-change", gate_context("k1", change="c2")))
+    await store.save_completed(gate_run("other-stage", gate_context("k1", stage="verify")))
+    live = RunContext(change_id="c1", case_id="k1", stage="measure", arm="candidate")
+    await store.save_completed(gate_run("live", live))
+
+    found = await store.gate_runs("c1", "measure", ["k2", "k1", "nope"], repeats=2)
+
+    places = [
+        (r.completed.context.case_id, r.completed.context.arm, r.completed.context.repeat)
+        for r in found
+        if r.completed is not None
+    ]
+    assert places == [
+        (case, arm, repeat)
+        for case in ("k1", "k2")
+        for arm in ("candidate", "current")
+        for repeat in (0, 1)
+    ]
+    assert [r.run_id for r in found if r.completed is None] == ["scored-only"]
+    assert len(found) == 9  # 2 cases x 2 arms x 2 repeats, and the run known by its score only
+    assert {r.run_id for r in found}.isdisjoint({"other-change", "other-stage", "live"})
+    assert all(r.scored is not None for r in found)
+    assert await store.gate_runs("c1", "measure", [], repeats=2) == []
+    assert [r.run_id for r in await store.gate_runs("c2", "measure", ["k1"], repeats=1)] == [
+        "other-change"
+    ]
+
+
+async def test_a_run_id_saved_again_as_a_live_run_leaves_the_gate(store: Store) -> None:
+    """The latest event places a run, as it sets its origin: a gate run id that a live run
+    reuses is no gate run any more."""
+    context = gate_context("k1")
+    await store.save_completed(gate_run("r1", context))
+    assert [r.run_id for r in await store.gate_runs("c1", "measure", ["k1"], 1)] == ["r1"]
+
+    await store.save_scored(scored("r1"))  # a live score under the same id
+
+    assert await store.gate_runs("c1", "measure", ["k1"], 1) == []
 
 
 # --- audit trail --------------------------------------------------------------------------------
@@ -519,6 +639,78 @@ async def test_a_trail_from_before_signing_reads_unsigned_and_continues_signed(
     report = verify_trail(trail, SIGNER.key, anchor_of(new))
     assert report.problems == [f"seq 1 to 2: {UNSIGNED}"]
     assert report.notes == []
+
+
+OLD_RUN_TABLES = """
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, task TEXT NOT NULL, completed TEXT, scored TEXT);
+CREATE TABLE failures (
+    run_id TEXT PRIMARY KEY, task TEXT NOT NULL, logged_at TEXT NOT NULL,
+    problems TEXT NOT NULL, record TEXT NOT NULL
+);
+"""
+
+
+async def test_runs_and_failures_from_before_origins_read_as_the_executors(
+    tmp_path: Path,
+) -> None:
+    """A SQLite file written before origins were kept: its tables gain the ``origin`` column,
+    its rows (and their JSON, which has no origin) read back as the executor's, the only origin
+    there was, and reported runs' failures are added and filtered beside them."""
+    path = tmp_path / "ratchet.db"
+    old_run, old_failure = completed("old"), failure("old", T0)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(OLD_RUN_TABLES)
+        db.execute(
+            "INSERT INTO runs VALUES ('old', 'math', ?, NULL)",
+            (old_run.model_dump_json(exclude={"origin"}),),
+        )
+        db.execute(
+            "INSERT INTO failures VALUES ('old', 'math', ?, '[\"wrong answer\"]', ?)",
+            (utc_text(T0), old_failure.model_dump_json(exclude={"origin"})),
+        )
+
+    async with open_store(f"sqlite:///{path}") as store:
+        stored = await store.get_run("old")
+        await store.add_failure(failure("app:shop/new", T0 + timedelta(minutes=1), origin=SHOP))
+        by_origin = {
+            origin: [f.run_id for f in await store.failures(FailureQuery(origin=origin))]
+            for origin in ("executor", SHOP)
+        }
+        everything = await store.failures(FailureQuery())
+
+    assert stored is not None and stored.origin == "executor" and stored.completed == old_run
+    assert by_origin == {"executor": ["old"], SHOP: ["app:shop/new"]}
+    assert [(f.run_id, f.origin) for f in everything] == [
+        ("app:shop/new", SHOP),
+        ("old", "executor"),
+    ]
+
+
+async def test_gate_runs_from_before_they_were_placed_are_found(tmp_path: Path) -> None:
+    """A SQLite file written before gate runs were placed: its runs table gains the ``gate_*``
+    columns, filled in once from each gate run's stored context (either event's), so a change
+    measured before the upgrade still shows its runs; live runs stay out."""
+    path = tmp_path / "ratchet.db"
+    context = gate_context("k1", "current", 0)
+    old_rows = [
+        ("g1", gate_run("g1", context).model_dump_json(exclude={"origin"}), None),
+        ("g2", None, gate_score("g2", gate_context("k1", "candidate", 0)).model_dump_json()),
+        ("live", completed("live").model_dump_json(exclude={"origin"}), None),
+    ]
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(OLD_RUN_TABLES)
+        db.executemany("INSERT INTO runs VALUES (?, 'math', ?, ?)", old_rows)
+
+    async with open_store(f"sqlite:///{path}") as store:
+        found = await store.gate_runs("c1", "measure", ["k1"], repeats=1)
+        await store.save_completed(gate_run("g3", gate_context("k1", "current", 1)))
+        after = await store.gate_runs("c1", "measure", ["k1"], repeats=2)
+
+    assert [r.run_id for r in found] == ["g2", "g1"]  # candidate before current, by name
+    assert [r.run_id for r in after] == ["g2", "g1", "g3"]
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        placed = db.execute("SELECT run_id FROM runs WHERE gate_change IS NOT NULL").fetchall()
+    assert sorted(placed) == [("g1",), ("g2",), ("g3",)]
 
 
 # --- durability ---------------------------------------------------------------------------------

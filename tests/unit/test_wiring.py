@@ -33,6 +33,7 @@ from ratchet.contracts import (
 )
 from ratchet.messaging import QUERY_PREFIX
 from ratchet.prompts import PromptRecord, PromptVersion
+from ratchet.queries import GateCase, RunsQuery
 from ratchet.settings import ModelSettings, Settings
 from ratchet.store import FailureQuery, FailureRecord
 from ratchet_approver.app import build_app as approver_app
@@ -214,6 +215,47 @@ async def test_failure_store_does_not_log_a_passed_run(tmp_path: Path) -> None:
         await broker.publish(scored(1.0), RunScored.subject)
 
         assert published(app, FailureLogged) == []
+
+
+async def test_failure_store_shows_a_changes_gate_runs_by_case_without_run_ids(
+    tmp_path: Path,
+) -> None:
+    """``query.runs``: what both arms answered on the cases asked for, in that order, current arm
+    first; no run id (it holds the change's secret nonce) anywhere in the reply."""
+    app = failure_store(tmp_path)
+    async with TestNatsBroker(app.broker) as broker, TestApp(app):
+        for case, arm, output, score in [
+            ("k1", "candidate", "12", 1.0),
+            ("k1", "current", "The answer is 12.", 0.0),
+            ("k2", "current", "7", 1.0),
+        ]:
+            context = RunContext(
+                purpose="gate", change_id="c1", case_id=case, stage="measure", arm=arm
+            )
+            run_id = f"c1.secret-nonce.measure.{arm}.{case}.0"
+            run = completed(output, purpose="gate").model_copy(
+                update={"run_id": run_id, "id": f"{run_id}.completed", "context": context}
+            )
+            await broker.publish(run, RunCompleted.subject)
+            mark = scored(score, purpose="gate").model_copy(
+                update={"run_id": run_id, "id": f"{run_id}.scored", "context": context}
+            )
+            await broker.publish(mark, RunScored.subject)
+        asked = RunsQuery(change_id="c1", case_ids=["k2", "k1", "k9"])
+        reply = await broker.request(asked, f"{QUERY_PREFIX}.runs")
+        body = await reply.decode()
+
+        assert published(app, FailureLogged) == []  # gate runs are never failures
+    assert "secret-nonce" not in str(body)
+    k2, k1 = TypeAdapter(list[GateCase]).validate_python(body)
+    assert (k2.case_id, k1.case_id) == ("k2", "k1")
+    assert k1.input == "What is 7 + 5?" and k1.check == Check(kind="exact", expected="12")
+    assert [(r.arm, r.repeat, r.output, r.score) for r in k1.runs] == [
+        ("current", 0, "The answer is 12.", 0.0),
+        ("candidate", 0, "12", 1.0),
+    ]
+    assert k1.runs[0].problems == ["the answer is wrapped in extra words"]
+    assert [(r.arm, r.output) for r in k2.runs] == [("current", "7")]
 
 
 # --- policy approver ------------------------------------------------------------------------------

@@ -1,15 +1,18 @@
-"""Evaluator service: reads ``run.completed``, publishes ``run.scored``; nothing else.
+"""Evaluator service: reads ``run.completed`` and the runs apps report (``run.reported.<app>``),
+publishes ``run.scored``; nothing else.
 
-It runs apart from the executor so that an agent never grades itself. Scale it by starting more
-replicas: they share the durable consumer and split the runs.
+It runs apart from the executor and from the apps so that an agent never grades itself. Scale it
+by starting more replicas: they share the durable consumers and split the runs. A reported run is
+scored as the ``run.completed`` of :meth:`RunReported.completed`, attributed to the app its
+subject names, which only that app's NATS user may publish; its score carries that origin.
 """
 
 from __future__ import annotations
 
-from faststream import FastStream
+from faststream import FastStream, Path
 from faststream.specification import AsyncAPI
 
-from ratchet.contracts import RunCompleted, RunScored
+from ratchet.contracts import RunCompleted, RunReported, RunScored
 from ratchet.messaging import durable_subscriber, event_publisher, make_broker, publish
 from ratchet.models import make_chat_model, model_label
 from ratchet.settings import Settings, get_settings
@@ -27,15 +30,30 @@ def build_app(settings: Settings | None = None) -> FastStream:
     broker = make_broker(settings, name="evaluator")
     scored = event_publisher(broker, RunScored)
 
+    async def score(run: RunCompleted) -> None:
+        await publish(scored, await score_run(run, judge, sample_rate=settings.judge_sample_rate))
+
     @durable_subscriber(
         broker,
         RunCompleted.subject,
         durable="evaluator",
         settings=settings,
-        description="Score the run: programmatic check when it carries one, else the LLM judge.",
+        description="Score the run: programmatic check when it carries one, else the LLM judge "
+        "(live runs: if sampled at judge_sample_rate).",
     )
     async def on_run_completed(run: RunCompleted) -> None:
-        await publish(scored, await score_run(run, judge))
+        await score(run)
+
+    @durable_subscriber(
+        broker,
+        RunReported.subject_of("{app}"),
+        durable="evaluator-reported",
+        settings=settings,
+        description="Score a run an instrumented app reported, as one from the app the subject "
+        "names (the server lets only that app publish there).",
+    )
+    async def on_run_reported(report: RunReported, app: str = Path()) -> None:
+        await score(report.completed(app))
 
     return FastStream(
         broker,

@@ -9,16 +9,21 @@ Replies are parsed leniently (code fences and chatter around the first JSON obje
 validated strictly; an unusable reply is retried with the reason, then given up as
 :class:`JudgeError`. Errors from the model call itself (network, rate limits) propagate unchanged,
 so the caller can let the message be redelivered instead of recording the run as unscored.
+
+What judging cost is counted over every attempt, retries included (the model's
+``usage_metadata``), and returned with the verdict, or carried by the :class:`JudgeError`: online
+scoring's cost is the judge's tokens, per run and, summed by the gatekeeper, per change.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ratchet.contracts import TokenUsage
 from ratchet.untrusted import as_data
 from ratchet_evaluator.checks import first_json_object
 
@@ -48,7 +53,11 @@ That reply could not be used ({reason}). Reply with only the JSON object, for ex
 
 
 class JudgeError(RuntimeError):
-    """The judge model gave no usable verdict within its attempts."""
+    """The judge model gave no usable verdict within its attempts (which still cost ``usage``)."""
+
+    def __init__(self, message: str, *, usage: TokenUsage) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 class Verdict(BaseModel):
@@ -78,6 +87,13 @@ class Verdict(BaseModel):
         return self
 
 
+class Judged(NamedTuple):
+    """A verdict and what it cost: the tokens of every attempt it took."""
+
+    verdict: Verdict
+    usage: TokenUsage
+
+
 class Judge:
     """Asks a chat model whether a run finished its task."""
 
@@ -88,25 +104,39 @@ class Judge:
         self.label = label
         self.attempts = attempts
 
-    async def judge(self, task: str, input: str, output: str) -> Verdict:
-        """The model's verdict on one run; raises :class:`JudgeError` if no reply was usable."""
+    async def judge(self, task: str, input: str, output: str) -> Judged:
+        """The model's verdict on one run and its cost; raises :class:`JudgeError` if no reply
+        was usable."""
         messages: list[BaseMessage] = [
             SystemMessage(content=JUDGE_SYSTEM_PROMPT),
             HumanMessage(content=judge_request(task, input, output)),
         ]
-        reply, reason = "", ""
+        reply, reason, usage = "", "", TokenUsage()
         for _ in range(self.attempts):
-            reply = (await self.model.ainvoke(messages)).text
+            answer = await self.model.ainvoke(messages)
+            usage = usage + usage_of(answer)
+            reply = answer.text
             try:
-                return parse_verdict(reply)
+                return Judged(parse_verdict(reply), usage)
             except ValueError as exc:
                 reason = str(exc)
             retry = HumanMessage(content=RETRY_PROMPT.format(reason=reason))
             messages += [AIMessage(content=reply), retry]
         raise JudgeError(
             f"judge {self.label} gave no usable verdict in {self.attempts} attempts "
-            f"({reason}); last reply: {_excerpt(reply)!r}"
+            f"({reason}); last reply: {_excerpt(reply)!r}",
+            usage=usage,
         )
+
+
+def usage_of(message: BaseMessage) -> TokenUsage:
+    """The tokens one model reply cost, as its provider reported them (none reported: 0)."""
+    meta = message.usage_metadata if isinstance(message, AIMessage) else None
+    if not meta:
+        return TokenUsage()
+    return TokenUsage(
+        input_tokens=max(0, meta["input_tokens"]), output_tokens=max(0, meta["output_tokens"])
+    )
 
 
 def judge_request(task: str, input: str, output: str) -> str:

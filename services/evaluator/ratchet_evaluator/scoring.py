@@ -5,6 +5,12 @@ same id and JetStream drops the duplicate. A judge that gives no usable verdict 
 unscored (``score=None``) with the reason, rather than guessing a score; an error from the judge
 model call itself propagates, so the message is redelivered and, if it keeps failing, dead-lettered.
 
+Online scoring: live runs without a check (most of what instrumented apps report) reach the judge
+only if sampled, at ``sample_rate``, decided by a hash of the run id, so a redelivered run is
+decided the same way and its score event stays one. An unsampled run is still published, unscored
+with the reason, so it is counted and stored. Gate runs are always judged: the gate's test needs
+every one. The judge's tokens, retries included, travel on the score (``judge_usage``).
+
 Checks run in a worker thread: the regex search releases the GIL and has a time limit
 (:mod:`ratchet_evaluator.checks`), so a catastrophic pattern costs that thread 0.2 s and never
 holds the event loop, where the other runs are being scored. Problems are cut to their
@@ -14,6 +20,7 @@ limits here (a judge may write many, or long ones), so the scored event is alway
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 from ratchet.contracts import (
     NAME_CHARS,
@@ -23,6 +30,7 @@ from ratchet.contracts import (
     REASON_CHARS,
     RunCompleted,
     RunScored,
+    TokenUsage,
     clip,
 )
 from ratchet_evaluator.checks import run_check
@@ -34,8 +42,22 @@ NO_SCORER_REASON = "the run has no check and no judge is configured"
 OUTPUT_CUT = f"the output was cut to its limit of {OUTPUT_CHARS} characters before scoring"
 
 
-async def score_run(run: RunCompleted, judge: Judge | None) -> RunScored:
-    """The ``run.scored`` event for ``run``; only runs without a check reach the judge."""
+def not_sampled_reason(rate: float) -> str:
+    return f"not sampled for judging (rate {rate:g})"
+
+
+def sampled_for_judging(run_id: str, rate: float) -> bool:
+    """Whether the judge scores the live run ``run_id`` at sampling rate ``rate``: a hash of the
+    run id, so every delivery of a run, on any evaluator replica, decides alike."""
+    digest = hashlib.sha256(f"judge-sample\x00{run_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < rate * 2**64
+
+
+async def score_run(
+    run: RunCompleted, judge: Judge | None, *, sample_rate: float = 1.0
+) -> RunScored:
+    """The ``run.scored`` event for ``run``; only runs without a check reach the judge, and of
+    those, live runs only if sampled at ``sample_rate``."""
     if run.error is not None:
         return _scored(run, 0.0, [f"run crashed: {run.error}"], CRASH_SCORER)
     if run.check is not None:
@@ -43,12 +65,15 @@ async def score_run(run: RunCompleted, judge: Judge | None) -> RunScored:
         return _scored(run, score, problems, f"check:{run.check.kind}")
     if judge is None:
         return _scored(run, None, [], NO_SCORER, unscored_reason=NO_SCORER_REASON)
+    if run.context.purpose == "live" and not sampled_for_judging(run.run_id, sample_rate):
+        return _scored(run, None, [], NO_SCORER, unscored_reason=not_sampled_reason(sample_rate))
     scorer = f"judge:{judge.label}"
     try:
-        verdict = await judge.judge(run.task, run.input, run.output)
+        verdict, usage = await judge.judge(run.task, run.input, run.output)
     except JudgeError as exc:
-        return _scored(run, None, [], scorer, unscored_reason=str(exc))
-    return _scored(run, 1.0 if verdict.finished else 0.0, verdict.problems, scorer)
+        return _scored(run, None, [], scorer, unscored_reason=str(exc), judge_usage=exc.usage)
+    score = 1.0 if verdict.finished else 0.0
+    return _scored(run, score, verdict.problems, scorer, judge_usage=usage)
 
 
 def _scored(
@@ -58,6 +83,7 @@ def _scored(
     scorer: str,
     *,
     unscored_reason: str | None = None,
+    judge_usage: TokenUsage | None = None,
 ) -> RunScored:
     if problems and "output" in run.truncated:  # a failure the cut may explain: say so
         problems = [*problems[: PROBLEMS - 1], OUTPUT_CUT]
@@ -71,4 +97,6 @@ def _scored(
         scorer=clip(scorer, NAME_CHARS),
         unscored_reason=None if unscored_reason is None else clip(unscored_reason, REASON_CHARS),
         prompt_version=run.prompt_version,
+        origin=run.origin,
+        judge_usage=judge_usage or TokenUsage(),
     )

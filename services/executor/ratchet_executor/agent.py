@@ -36,7 +36,7 @@ from ratchet.contracts import (
     clip,
 )
 from ratchet.messaging import Unprocessable
-from ratchet.prompts import DEFAULT_PROMPT, PromptSource, sha256_text
+from ratchet.prompts import DEFAULT_PROMPT, PromptSource, serve, sha256_text
 from ratchet.rules import Rules, compose_system_prompt
 
 LatestVersion = Callable[[str], Awaitable[int | None]]
@@ -121,10 +121,19 @@ class Executor:
         self.latest_version = latest_version
 
     def task_prompt(self, request: RunRequested) -> tuple[str, int]:
-        """The candidate prompt if the request carries one, else the stored version (0 = none)."""
+        """The task prompt and the version to report (0 = candidate or default prompt).
+
+        A run that names its prompt (a candidate) gets it. A live run otherwise gets what the
+        rollout serves it (:func:`ratchet.prompts.serve`): while a change is in canary, its
+        share of rollout keys (the run id when there is none) gets the new version, the rest the
+        stable one, and one key always the same. Gate runs, and a run that asks for a version
+        (``min_prompt_version``), run the stored record's own text: a measurement of a version
+        must run that version, not the stable arm of its canary."""
         if request.candidate_prompt is not None:
             return request.candidate_prompt, 0
         stored = self.prompts.current(request.task)
+        if request.context.purpose == "live" and request.min_prompt_version is None:
+            return serve(stored, request.rollout_key or request.run_id)
         if stored is None:
             return DEFAULT_PROMPT, 0
         return stored.record.text, stored.version

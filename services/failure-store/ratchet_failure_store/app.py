@@ -1,11 +1,20 @@
 """Failure store service: persists every run and score, logs failures, answers queries.
 
+Runs come from the executor (``run.completed``) and from instrumented apps
+(``run.reported.<app>``, read as the ``run.completed`` of :meth:`RunReported.completed`, with the
+origin the subject names), so production failures join the same store, groups and proposer,
+each tagged with where it ran.
+
 Query replies fit in one NATS message: at most ``MAX_FAILURES_PER_QUERY`` failures are read, each
 is shown within the message limits (a record stored before the limits existed is cut for the
 reply, never in the store). Failures that still do not fit are shown with shorter texts, so a
 reader gets every failure it asked for (the proposer compares them with their groups), and only
 past the shortest texts are the oldest left out; a reply says what it did in a header
 (:func:`ratchet.queries.list_reply`), which the CLI shows.
+
+``query.runs`` shows people (the review console, the CLI) what the two prompts of a change
+answered on the gate's cases: the runs are the failure store's, like every other. The proposer
+may not ask it (the server refuses it): it must never see the gate's cases.
 """
 
 from __future__ import annotations
@@ -13,11 +22,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from faststream import FastStream
+from faststream import FastStream, Path
 from faststream.nats import NatsResponse
 from faststream.specification import AsyncAPI
 
-from ratchet.contracts import FailureLogged, RunCompleted, RunScored
+from ratchet.contracts import FailureLogged, RunCompleted, RunReported, RunScored
 from ratchet.grouping import group_failures
 from ratchet.messaging import (
     QUERY_PREFIX,
@@ -26,9 +35,16 @@ from ratchet.messaging import (
     make_broker,
     publish,
 )
-from ratchet.queries import MAX_FAILURES_PER_QUERY, REPLY_BYTES, FailureCount, list_reply
+from ratchet.queries import (
+    MAX_FAILURES_PER_QUERY,
+    REPLY_BYTES,
+    FailureCount,
+    RunsQuery,
+    list_reply,
+)
 from ratchet.settings import Settings, get_settings
 from ratchet.store import FailureQuery, FailureRecord, open_store
+from ratchet_failure_store.gate_runs import cases_in_reply, gate_cases
 from ratchet_failure_store.recorder import FailureRecorder, shown_in_reply, within_limits
 
 
@@ -64,6 +80,17 @@ def build_app(settings: Settings | None = None) -> FastStream:
         await publish_if_failure(await started().on_completed(run))
 
     @durable_subscriber(
+        broker,
+        RunReported.subject_of("{app}"),
+        durable="failure-store-reported",
+        settings=settings,
+        description="Store a run an instrumented app reported, as one from the app the subject "
+        "names (the server lets only that app publish there).",
+    )
+    async def on_run_reported(report: RunReported, app: str = Path()) -> None:
+        await publish_if_failure(await started().on_completed(report.completed(app)))
+
+    @durable_subscriber(
         broker, RunScored.subject, durable="failure-store-scored", settings=settings
     )
     async def on_run_scored(score: RunScored) -> None:
@@ -94,6 +121,18 @@ def build_app(settings: Settings | None = None) -> FastStream:
         found = await failures(query)
         groups = group_failures([(f.run_id, f.problems) for f in map(within_limits, found)])
         return list_reply(groups, noun="groups")
+
+    @broker.subscriber(
+        f"{QUERY_PREFIX}.runs",
+        description="A change's gate runs on the cases asked for (at most 50), both arms, by "
+        "case; no run ids. For people: the proposer may not ask it.",
+    )
+    async def query_runs(query: RunsQuery) -> NatsResponse:
+        runs = await started().store.gate_runs(
+            query.change_id, query.stage, query.case_ids, query.repeats
+        )
+        shown, shortened = cases_in_reply(gate_cases(query.case_ids, runs), REPLY_BYTES)
+        return list_reply(shown, noun="cases", shortened=shortened)
 
     return FastStream(
         broker,

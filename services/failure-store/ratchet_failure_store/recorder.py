@@ -16,9 +16,8 @@ from ratchet.contracts import (
     clip,
     utcnow,
 )
+from ratchet.queries import shortened_to_fit
 from ratchet.store import FailureRecord, Store, StoredRun
-
-REPLY_TEXT_CHARS = (4_000, 1_000, 250)  # tried in turn when a reply's failures do not fit
 
 
 class FailureRecorder:
@@ -54,6 +53,7 @@ class FailureRecorder:
                 rules_sha256=run.rules_sha256,
                 model=run.model,
                 logged_at=utcnow(),
+                origin=run.origin,
             )
         )
         return FailureLogged(
@@ -62,6 +62,7 @@ class FailureRecorder:
             task=run.task,
             score=score.score,
             problems=score.problems,
+            origin=run.origin,
         )
 
 
@@ -116,19 +117,9 @@ def _fits(failure: FailureRecord, input_chars: int, output_chars: int, trace_cha
 
 def shown_in_reply(failures: list[FailureRecord], budget: int) -> tuple[list[FailureRecord], str]:
     """Every one of ``failures`` in one reply of ``budget`` bytes if that can be done by cutting
-    their inputs, outputs and trace texts to the longest of ``REPLY_TEXT_CHARS`` at which all fit
-    (so a reader, the proposer say, gets the failures it asked for, only shortened), with a note
-    saying so; else cut to the shortest, and the reply leaves out the oldest that still do not
-    fit."""
-    shown = [within_limits(failure) for failure in failures]
-    if _size(shown) <= budget:
-        return shown, ""
-    for chars in REPLY_TEXT_CHARS:
-        shown = [within_limits(failure, chars) for failure in failures]
-        if _size(shown) <= budget:
-            break
-    return shown, f"inputs, outputs and trace texts cut to {chars} characters"
-
-
-def _size(failures: list[FailureRecord]) -> int:
-    return 2 + sum(len(f.model_dump_json().encode()) + 1 for f in failures)
+    their inputs, outputs and trace texts (:func:`ratchet.queries.shortened_to_fit`), so a
+    reader, the proposer say, gets the failures it asked for, only shortened, with a note saying
+    so; else cut to the shortest, and the reply leaves out the oldest that still do not fit."""
+    return shortened_to_fit(
+        failures, within_limits, texts="inputs, outputs and trace texts", budget=budget
+    )

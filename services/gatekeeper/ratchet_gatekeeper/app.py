@@ -21,7 +21,10 @@ from ratchet.contracts import (
     ChangeApplied,
     ChangeApproved,
     ChangeAwaitingApproval,
+    ChangeCanaryRolledBack,
+    ChangeCanaryStarted,
     ChangeKept,
+    ChangePromoted,
     ChangeProposed,
     ChangeRecorded,
     ChangeRejected,
@@ -32,12 +35,14 @@ from ratchet.contracts import (
 )
 from ratchet.messaging import (
     QUERY_PREFIX,
+    Unprocessable,
     connect,
     durable_subscriber,
     event_publisher,
     make_broker,
     publish,
 )
+from ratchet.natsconf import CONSOLE, console_sender
 from ratchet.prompts import PromptRecord, PromptVersion, PromptWriter, read_current
 from ratchet.queries import (
     AuditPage,
@@ -73,6 +78,9 @@ PUBLISHES = (
     ChangeApplied,
     ChangeKept,
     ChangeRolledBack,
+    ChangeCanaryStarted,
+    ChangePromoted,
+    ChangeCanaryRolledBack,
     ChangeRecorded,
 )
 
@@ -105,7 +113,8 @@ def build_app(
         event_type.subject: event_publisher(broker, event_type) for event_type in PUBLISHES
     }
     runner: GateRunner | None = None  # made at start, once its files and the prompt store are open
-    anchoring: list[asyncio.Task[None]] = []  # the head's daily re-anchoring, once the broker runs
+    # the head's daily re-anchoring and finishing decided canaries, once the broker runs
+    background: list[asyncio.Task[None]] = []
 
     async def publish_event(event: Event) -> None:
         await publish(publishers[event.subject], event)
@@ -142,14 +151,17 @@ def build_app(
                 AsyncSqliteSaver.from_conn_string(str(settings.home / CHECKPOINTS_FILE))
             )
             runner = GateRunner(build_gate_graph(gate, checkpointer), gate)
-            resources.callback(stop_anchoring)
+            resources.callback(stop_background)
             yield
 
     async def start_anchoring() -> None:
-        anchoring.append(asyncio.create_task(keep_anchored(started().gate)))
+        background.append(asyncio.create_task(keep_anchored(started().gate)))
 
-    def stop_anchoring() -> None:
-        for task in anchoring:
+    async def start_finishing_canaries() -> None:
+        background.append(asyncio.create_task(finish_decided_canaries(started())))
+
+    def stop_background() -> None:
+        for task in background:
             task.cancel()
 
     def started() -> GateRunner:
@@ -175,10 +187,11 @@ def build_app(
         RunScored.subject,
         durable="gatekeeper-scored",
         settings=settings,
-        description="Scores of the gate runs this gatekeeper issued (all others are ignored).",
+        description="Scores of the gate runs this gatekeeper issued, and of live runs of a task "
+        "in canary (counted for the canary's test); all others are ignored.",
     )
     async def on_run_scored(score: RunScored) -> None:
-        await started().gate.ledger.record(score)
+        await started().on_scored(score)
 
     # Who decided is the subject's last token, which only that approver's NATS user may publish
     # (natsconf), never a name from the body.
@@ -202,9 +215,48 @@ def build_app(
     async def on_rejected(decision: ChangeRejected, approver: str = Path()) -> None:
         await started().on_decision(decision, approved=False, approver=approver)
 
+    # The review console proposes and decides for the reviewer logged in to it, one subject token
+    # further (<kind>.console.<reviewer>), which only its NATS user may publish: the actor is
+    # "console.<reviewer>" (the server authenticated the console, the console its reviewer).
+    for_reviewer = f"{CONSOLE}.{{reviewer}}"
+
+    @durable_subscriber(
+        broker,
+        ChangeProposed.subject_of(for_reviewer),
+        durable="gatekeeper-console-proposals",
+        settings=settings,
+        description="Proposals (rollbacks) made in the review console, by the reviewer named.",
+    )
+    async def on_console_proposed(change: ChangeProposed, reviewer: str = Path()) -> None:
+        await started().on_proposed(change, proposer=_console_actor(reviewer))
+
+    @durable_subscriber(
+        broker,
+        ChangeApproved.subject_of(for_reviewer),
+        durable="gatekeeper-console-approvals",
+        settings=settings,
+        description="Approvals made in the review console, by the reviewer named.",
+    )
+    async def on_console_approved(decision: ChangeApproved, reviewer: str = Path()) -> None:
+        approver = _console_actor(reviewer)
+        await started().on_decision(decision, approved=True, approver=approver)
+
+    @durable_subscriber(
+        broker,
+        ChangeRejected.subject_of(for_reviewer),
+        durable="gatekeeper-console-rejections",
+        settings=settings,
+        description="Rejections made in the review console, by the reviewer named.",
+    )
+    async def on_console_rejected(decision: ChangeRejected, reviewer: str = Path()) -> None:
+        approver = _console_actor(reviewer)
+        await started().on_decision(decision, approved=False, approver=approver)
+
     @broker.subscriber(f"{QUERY_PREFIX}.changes", description="Every change and its latest status.")
     async def list_changes(query: ChangesQuery) -> NatsResponse:
-        summaries = summarize(await started().gate.store.audit())
+        gate = started().gate
+        canaries = {t.change_id: t.stats() for t in gate.ledger.unfinished()}
+        summaries = summarize(await gate.store.audit(), canaries=canaries)
         wanted = [s for s in summaries if query.task in (None, s.task)]
         return list_reply(wanted, noun="changes (the oldest)")
 
@@ -225,13 +277,21 @@ def build_app(
     return FastStream(
         broker,
         lifespan=lifespan,
-        after_startup=[start_anchoring],
+        after_startup=[start_anchoring, start_finishing_canaries],
         specification=AsyncAPI(
             title="Ratchet gatekeeper",
             description="Validates, measures, gates, applies and verifies prompt changes; owns "
             "the audit trail.",
         ),
     )
+
+
+def _console_actor(reviewer: str) -> str:
+    """``console.<reviewer>``; a name no reviewer can have is dead-lettered at once."""
+    try:
+        return console_sender(reviewer)
+    except ValueError as exc:
+        raise Unprocessable(str(exc)) from exc
 
 
 async def _open_prompt_store_and_anchor(
@@ -247,6 +307,14 @@ async def _open_prompt_store_and_anchor(
     for suite in suites.values():
         await writer.seed(suite.name, PromptRecord(text=suite.prompt, kind="initial"))
     return KvPrompts(js, writer), partial(read_anchor, connection, key)
+
+
+async def finish_decided_canaries(runner: GateRunner) -> None:
+    """Canaries decided before a crash take their verdict now, not at the next live score."""
+    try:
+        await runner.finish_decided_canaries()
+    except Exception:
+        log.exception("finishing decided canaries failed; the next live score of each retries")
 
 
 async def keep_anchored(gate: Gate) -> None:

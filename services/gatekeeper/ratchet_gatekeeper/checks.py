@@ -37,11 +37,23 @@ def rules_conflicts(proposal: str, rules: Rules) -> list[str]:
     return found
 
 
-def validate(change: ChangeProposed, *, current_version: int | None, rules: Rules) -> list[str]:
-    """Everything wrong with a proposal before any measurement is spent on it."""
+def validate(
+    change: ChangeProposed,
+    *,
+    current_version: int | None,
+    rules: Rules,
+    canary_of: str | None = None,
+) -> list[str]:
+    """Everything wrong with a proposal before any measurement is spent on it. ``canary_of``:
+    the change whose canary the task's current version is, if it is one."""
     problems = []
     if change.task.lower() in RESERVED_TARGETS:
         problems.append(f"{change.task!r} is not a task prompt: the behavior rules are pinned")
+    if canary_of is not None:
+        problems.append(
+            f"task {change.task!r} has change {canary_of} in canary: propose again once it is "
+            "promoted or rolled back"
+        )
     if current_version is None:
         problems.append(f"task {change.task!r} has no prompt in the store")
     elif change.base_version != current_version:

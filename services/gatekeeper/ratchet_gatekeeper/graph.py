@@ -3,10 +3,24 @@
     validate -> measure -> ask -> decide (interrupt) -> apply -> verify -> holdout
         \\-> END (invalid)          \\-> END (rejected)    \\-> END     \\-> END (rolled back)
 
+    with a canary: apply -> [verify] -> holdout -> canary -> canary_verdict (interrupt) -> END
+                                                             (promoted, or rolled back by it)
+
 ``measure`` runs the paired sequential test of :mod:`ratchet.sequential` on the task's gate pool,
 look by look; ``verify`` checks that executors serve the applied version and that a fresh,
-concurrent control on pool cases the decision never used shows no regression; ``holdout`` runs
-the sealed holdout after a keep, to report the real lift.
+concurrent control on pool cases the decision never used shows no regression (skipped when
+``verify_cases`` is 0: the canary checks in production instead); ``holdout`` runs the sealed
+holdout after a keep, to report the real lift.
+
+With ``canary_share`` above 0, ``apply`` writes the new version as a canary
+(:class:`ratchet.prompts.Canary`): live runs get it for that share of rollout keys and the
+stable (base) version otherwise, while gate runs still run the record's own text. After the
+checks, ``canary`` starts counting live scores in the ledger, and ``canary_verdict`` waits
+(``interrupt()``) until the canary's anytime-valid test (:mod:`ratchet.canary`) decides; then it
+promotes the new version to all traffic (a "promotion" version of the same text) or rolls back
+to the stable text. While a task has a canary in progress, ``validate`` refuses new proposals
+for it: one based on an older version would go stale at ``apply`` anyway, and one based on the
+canary version would replace the canary before its test decided.
 
 A resumed node re-runs from its first line, so every side effect here is idempotent: gate run ids
 are derived from the change and a secret nonce drawn once per change (a finished run is not
@@ -33,10 +47,15 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Checkpointer, interrupt
 
 from ratchet.audit import AnchorReading, AuditSigner, anchor_problem, announcement, signed_by
+from ratchet.canary import describe as describe_canary
 from ratchet.contracts import (
+    CanaryStats,
     ChangeApplied,
     ChangeAwaitingApproval,
+    ChangeCanaryRolledBack,
+    ChangeCanaryStarted,
     ChangeKept,
+    ChangePromoted,
     ChangeProposed,
     ChangeRolledBack,
     Event,
@@ -47,14 +66,14 @@ from ratchet.contracts import (
     RunContext,
     RunScored,
 )
-from ratchet.prompts import PromptRecord, PromptVersion, StaleVersionError
+from ratchet.prompts import Canary, PromptRecord, PromptVersion, StaleVersionError
 from ratchet.rules import Rules
 from ratchet.sequential import analyse, design_for_pool, paired_interval, regression_shown
 from ratchet.settings import GateSettings
 from ratchet.store import AuditRecord, Store
 from ratchet.suites import Case, Suite
 from ratchet_gatekeeper.checks import prompt_diff, validate
-from ratchet_gatekeeper.ledger import GateLedger
+from ratchet_gatekeeper.ledger import CanaryPlan, GateLedger
 
 log = logging.getLogger("ratchet.gatekeeper")
 
@@ -82,6 +101,9 @@ class ChangeState(TypedDict, total=False):
     decision: dict[str, Any]
     applied_version: int
     outcome: dict[str, Any]
+    judge_tokens: int  # what judging the measurement's runs cost
+    canary: dict[str, Any]  # a CanaryPlan, when the change was applied as a canary
+    canary_stats: dict[str, Any]  # the canary's verdict
 
 
 def _change(state: ChangeState) -> ChangeProposed:
@@ -115,6 +137,7 @@ class PairedRuns:
     flaky: list[str]
     unscored: int
     candidate_versions: set[int | None]
+    judge_tokens: int  # what the judge spent scoring these runs
 
     def diffs(self) -> list[int]:
         return [self.candidate[c.id] - self.current[c.id] for c in self.cases]
@@ -292,10 +315,11 @@ class Gate:
             "current": {c.id: 0 for c in cases},
             "candidate": {c.id: 0 for c in cases},
         }
-        unscored = 0
+        unscored = judge_tokens = 0
         versions: set[int | None] = set()
         for run_id, request in requests.items():
             score, context = scores[run_id], request.context
+            judge_tokens += score.judge_usage.input_tokens + score.judge_usage.output_tokens
             assert context.arm is not None and context.case_id is not None
             if score.score is None:
                 unscored += 1
@@ -315,6 +339,7 @@ class Gate:
             flaky=flaky,
             unscored=unscored,
             candidate_versions=versions,
+            judge_tokens=judge_tokens,
         )
 
     async def roll_back(
@@ -344,7 +369,12 @@ class Gate:
         await self.audit(change.change_id, "received", received, actor=state["proposer"])
         current = await self.prompts.current(change.task)
         problems = validate(
-            change, current_version=current.version if current else None, rules=self.rules
+            change,
+            current_version=current.version if current else None,
+            rules=self.rules,
+            canary_of=current.record.change_id or "?"
+            if current is not None and current.record.canary is not None
+            else None,
         )
         if change.task not in self.suites:
             problems.append(f"task {change.task!r} has no gate pool to measure it on")
@@ -434,6 +464,7 @@ class Gate:
             "status": "measured",
             "measurement": measurement.model_dump(mode="json"),
             "evidence_sha256": measurement.sha256(),
+            "judge_tokens": sum(b.judge_tokens for b in batches),
         }
 
     async def ask_node(self, state: ChangeState) -> ChangeState:
@@ -452,7 +483,12 @@ class Gate:
         await self.audit(
             change.change_id,
             "awaiting_approval",
-            {"prompt_diff": awaiting.prompt_diff, "evidence_sha256": awaiting.evidence_sha256},
+            {
+                "prompt_diff": awaiting.prompt_diff,
+                "evidence_sha256": awaiting.evidence_sha256,
+                # the measurement's judge tokens (the measurement itself is the hashed evidence)
+                "judge_tokens": state.get("judge_tokens", 0),
+            },
         )
         return {"status": "awaiting_approval"}
 
@@ -474,12 +510,24 @@ class Gate:
         current = await self.prompts.current(change.task)
         if current is not None and current.record.change_id == change.change_id:
             version = current.version  # this node ran before the restart: already written
+            canary = current.record.canary
         else:
+            share = self.settings.canary_share
+            canary = (
+                Canary(
+                    share=share,
+                    stable_version=change.base_version,
+                    stable_text=state["base_prompt"],
+                )
+                if share > 0
+                else None
+            )
             record = PromptRecord(
                 text=change.proposed_prompt,
                 kind="change",
                 change_id=change.change_id,
                 note=change.rationale[:500],
+                canary=canary,
             )
             try:
                 version = await self.prompts.write(
@@ -498,7 +546,22 @@ class Gate:
         )
         await self.publish(applied)
         await self.audit(change.change_id, "applied", applied.model_dump(mode="json"))
-        return {"status": "applied", "applied_version": version}
+        if canary is None:
+            return {"status": "applied", "applied_version": version}
+        g = self.settings
+        plan = CanaryPlan(
+            share=canary.share,
+            stable_version=canary.stable_version,
+            version=version,
+            margin=g.canary_margin,
+            alpha=g.canary_alpha,
+            max_runs=g.canary_max_runs,
+        )
+        return {
+            "status": "applied",
+            "applied_version": version,
+            "canary": plan.model_dump(mode="json"),
+        }
 
     async def verify_node(self, state: ChangeState) -> ChangeState:
         """Fresh cases, a concurrent control, and the executors' own version: never the arm the
@@ -536,6 +599,7 @@ class Gate:
             "upper_bound": round(upper, 4),
             "served": served,
             "reason": reason,
+            "judge_tokens": runs.judge_tokens,
         }
         await self.audit(change.change_id, "verified", details)
         if rolled_back:
@@ -565,7 +629,7 @@ class Gate:
         change = _change(state)
         holdout = self.suites[change.task].holdout[: self.settings.holdout_cases]
         if not holdout:
-            return {"status": "kept"}
+            return {}
         runs = await self.run_pairs(
             change,
             state["nonce"],
@@ -593,9 +657,89 @@ class Gate:
                 "gate_lift": gate.lift,
                 "gate_lower_bound": gate.lower_bound,
                 "pool_overfit_warning": high < gate.lower_bound,
+                "judge_tokens": runs.judge_tokens,
             },
         )
-        return {"status": "kept"}
+        return {}
+
+    async def canary_node(self, state: ChangeState) -> ChangeState:
+        """The canary starts: its live scores count from here on (the ledger keeps them)."""
+        change = _change(state)
+        plan = CanaryPlan.model_validate(state["canary"])
+        await self.ledger.start_canary(change.change_id, change.task, plan)
+        started = ChangeCanaryStarted(
+            id=f"{change.change_id}.canary.started",
+            change_id=change.change_id,
+            task=change.task,
+            version=plan.version,
+            stable_version=plan.stable_version,
+            share=plan.share,
+            margin=plan.margin,
+            max_runs=plan.max_runs,
+        )
+        await self.publish(started)
+        details = {**started.model_dump(mode="json"), "alpha": plan.alpha}
+        await self.audit(change.change_id, "canary", details)
+        return {"status": "canary"}
+
+    async def canary_verdict_node(self, state: ChangeState) -> ChangeState:
+        """Waits for the canary's verdict (the monitor resumes the thread with it, once the test
+        decided and the ledger holds it), then promotes the new version or rolls it back."""
+        change = _change(state)
+        plan = CanaryPlan.model_validate(state["canary"])
+        tally = await self.ledger.canary(change.change_id)
+        stats = tally.decided if tally is not None else None
+        if stats is None:  # not decided yet: wait (a resumed node finds it in the ledger)
+            resumed = interrupt(
+                {
+                    "change_id": change.change_id,
+                    "question": "Is the canary worse than the stable version?",
+                }
+            )
+            stats = CanaryStats.model_validate(resumed)
+        reason = describe_canary(stats)
+        try:
+            if stats.verdict == "not_worse":
+                version = await self.promote(change, plan, reason)
+            else:
+                version = await self.roll_back(change, state["base_prompt"], plan.version, reason)
+        except StaleVersionError as exc:  # nothing else writes a task in canary; say so if it did
+            await self.audit(change.change_id, "stale", {"reason": str(exc)})
+            await self.ledger.finish_canary(change.change_id)
+            return {"status": "stale", "problems": [str(exc)]}
+        status = "promoted" if stats.verdict == "not_worse" else "canary_rolled_back"
+        outcome_type = ChangePromoted if status == "promoted" else ChangeCanaryRolledBack
+        outcome = outcome_type(
+            id=f"{change.change_id}.{status}",
+            change_id=change.change_id,
+            task=change.task,
+            version=version,
+            stats=stats,
+            reason=reason,
+        )
+        await self.publish(outcome)
+        await self.audit(change.change_id, status, outcome.model_dump(mode="json"))
+        await self.ledger.finish_canary(change.change_id)
+        return {"status": status, "canary_stats": stats.model_dump(mode="json")}
+
+    async def promote(self, change: ChangeProposed, plan: CanaryPlan, reason: str) -> int:
+        """Write the canary's text as a new version for all traffic (once), returning it."""
+        current = await self.prompts.current(change.task)
+        if current is not None and (current.record.kind, current.record.change_id) == (
+            "promotion",
+            change.change_id,
+        ):
+            return current.version  # done before a restart
+        return await self.prompts.write(
+            change.task,
+            PromptRecord(
+                text=change.proposed_prompt,
+                kind="promotion",
+                change_id=change.change_id,
+                note=reason[:500],
+            ),
+            base_version=plan.version,
+        )
 
 
 def _after_validate(state: ChangeState) -> str:
@@ -606,12 +750,12 @@ def _after_decide(state: ChangeState) -> str:
     return "apply" if state["status"] == "approved" else END
 
 
-def _after_apply(state: ChangeState) -> str:
-    return "verify" if state["status"] == "applied" else END
-
-
 def _after_verify(state: ChangeState) -> str:
     return "holdout" if state["status"] == "kept" else END
+
+
+def _after_holdout(state: ChangeState) -> str:
+    return "canary" if state.get("canary") else END
 
 
 def build_gate_graph(
@@ -625,12 +769,24 @@ def build_gate_graph(
     graph.add_node("apply", gate.apply_node)
     graph.add_node("verify", gate.verify_node)
     graph.add_node("holdout", gate.holdout_node)
+    graph.add_node("canary", gate.canary_node)
+    graph.add_node("canary_verdict", gate.canary_verdict_node)
     graph.add_edge(START, "validate")
     graph.add_conditional_edges("validate", _after_validate, ["measure", END])
     graph.add_edge("measure", "ask")
     graph.add_edge("ask", "decide")
     graph.add_conditional_edges("decide", _after_decide, ["apply", END])
-    graph.add_conditional_edges("apply", _after_apply, ["verify", END])
+
+    def after_apply(state: ChangeState) -> str:
+        """Verify, unless there is nothing to verify on (``verify_cases`` 0, only allowed with a
+        canary, which checks the change on live traffic instead)."""
+        if state["status"] != "applied":
+            return END
+        return "verify" if gate.settings.verify_cases > 0 else "holdout"
+
+    graph.add_conditional_edges("apply", after_apply, ["verify", "holdout", END])
     graph.add_conditional_edges("verify", _after_verify, ["holdout", END])
-    graph.add_edge("holdout", END)
+    graph.add_conditional_edges("holdout", _after_holdout, ["canary", END])
+    graph.add_edge("canary", "canary_verdict")
+    graph.add_edge("canary_verdict", END)
     return graph.compile(checkpointer=checkpointer)

@@ -1,8 +1,15 @@
-"""The gatekeeper's own table: the gate runs it issued, their scores, and the pools they used.
+"""The gatekeeper's own tables: the gate runs it issued, their scores, and the pools they used;
+the canaries and the live scores they counted.
 
 Scores arrive as ``run.scored`` events; only a score for a run the gatekeeper issued, scored for a
 gate purpose, counts, and only the first one. A measurement waits on them here (no polling), and
-a gatekeeper that restarts mid-measurement finds the scores that arrived before the crash. The file
+a gatekeeper that restarts mid-measurement finds the scores that arrived before the crash.
+
+While a change is in canary, each scored live run of its task that used one of its two versions
+counts once (by run id) for that version's arm, and after each count the canary's test
+(:mod:`ratchet.canary`) is evaluated; the first verdict that is not "running" is stored and the
+counts stop there, so a redelivered score, or a crash before the change's thread took the verdict,
+finds the same verdict again. A restarted gatekeeper continues from the counts here. The file
 lives in the gatekeeper's home and no other service opens it.
 """
 
@@ -10,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 import aiosqlite
+from pydantic import BaseModel, ConfigDict, Field
 
-from ratchet.contracts import RunScored, utcnow
+from ratchet import canary
+from ratchet.contracts import CanaryStats, RunScored, utcnow
 from ratchet.store.sqlite import open_own_db
 
 SCHEMA = """
@@ -31,7 +41,79 @@ CREATE TABLE IF NOT EXISTS pool_uses (
     at          TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pool_uses_by_pool ON pool_uses (pool_sha256);
+CREATE TABLE IF NOT EXISTS canaries (
+    change_id      TEXT PRIMARY KEY,
+    task           TEXT NOT NULL,
+    plan           TEXT NOT NULL,
+    stable_runs    INTEGER NOT NULL DEFAULT 0,
+    stable_score   REAL NOT NULL DEFAULT 0,
+    canary_runs    INTEGER NOT NULL DEFAULT 0,
+    canary_score   REAL NOT NULL DEFAULT 0,
+    judge_tokens   INTEGER NOT NULL DEFAULT 0,
+    decided        TEXT,
+    finished       INTEGER NOT NULL DEFAULT 0,
+    started_at     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS canary_runs (
+    run_id    TEXT PRIMARY KEY,
+    change_id TEXT NOT NULL
+);
 """
+
+Arm = Literal["stable", "canary"]
+
+
+class CanaryPlan(BaseModel):
+    """How a change's canary runs, fixed when it is applied: the two versions, the share of
+    live traffic the new one serves, and the test's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    share: float = Field(gt=0.0, lt=1.0)
+    stable_version: int = Field(ge=0)
+    version: int = Field(ge=0, description="The canary version.")
+    margin: float = Field(ge=0.0, le=0.5)
+    alpha: float = Field(gt=0.0, lt=0.5)
+    max_runs: int = Field(ge=1)
+
+
+@dataclass(frozen=True)
+class CanaryTally:
+    """One canary's counts, and its verdict once the test reached one."""
+
+    change_id: str
+    task: str
+    plan: CanaryPlan
+    stable_runs: int = 0
+    stable_score: float = 0.0
+    canary_runs: int = 0
+    canary_score: float = 0.0
+    judge_tokens: int = 0
+    decided: CanaryStats | None = None
+    finished: bool = False
+
+    def arm(self, version: int | None) -> Arm | None:
+        """Which arm a run served ``version`` counts for (None: neither, not counted)."""
+        if version == self.plan.version:
+            return "canary"
+        return "stable" if version == self.plan.stable_version else None
+
+    def stats(self) -> CanaryStats:
+        """The verdict it reached, else the test on the counts so far."""
+        if self.decided is not None:
+            return self.decided
+        return canary.evaluate(
+            stable_version=self.plan.stable_version,
+            canary_version=self.plan.version,
+            stable_runs=self.stable_runs,
+            stable_score=self.stable_score,
+            canary_runs=self.canary_runs,
+            canary_score=self.canary_score,
+            margin=self.plan.margin,
+            alpha=self.plan.alpha,
+            max_runs=self.plan.max_runs,
+            judge_tokens=self.judge_tokens,
+        )
 
 
 class GateRunsMissing(TimeoutError):
@@ -43,21 +125,28 @@ class GateLedger:
         self.db = db
         self.scored: dict[str, RunScored] = {}  # scores of runs a measurement still waits for
         self.arrived = asyncio.Condition()
+        self.canaries: dict[str, CanaryTally] = {}  # by task: canaries their threads have not taken
+        # one write transaction at a time on the shared connection, so no commit carries another
+        # writer's half-done count
+        self.writing = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Self:
-        return cls(await open_own_db(path, SCHEMA))
+        ledger = cls(await open_own_db(path, SCHEMA))
+        await ledger._load_canaries()
+        return ledger
 
     async def close(self) -> None:
         await self.db.close()
 
     async def issue(self, change_id: str, run_ids: Sequence[str]) -> list[str]:
         """Register runs about to be requested; returns those not scored yet (to request)."""
-        await self.db.executemany(
-            "INSERT OR IGNORE INTO gate_runs (run_id, change_id) VALUES (?, ?)",
-            [(run_id, change_id) for run_id in run_ids],
-        )
-        await self.db.commit()
+        async with self.writing:
+            await self.db.executemany(
+                "INSERT OR IGNORE INTO gate_runs (run_id, change_id) VALUES (?, ?)",
+                [(run_id, change_id) for run_id in run_ids],
+            )
+            await self.db.commit()
         done = await self._load(run_ids)
         return [run_id for run_id in run_ids if run_id not in done]
 
@@ -65,11 +154,12 @@ class GateLedger:
         """Keep the first gate score of a run this gatekeeper issued; False if it does not count."""
         if score.context.purpose != "gate":
             return False
-        cursor = await self.db.execute(
-            "UPDATE gate_runs SET scored = ? WHERE run_id = ? AND scored IS NULL",
-            (score.model_dump_json(), score.run_id),
-        )
-        await self.db.commit()
+        async with self.writing:
+            cursor = await self.db.execute(
+                "UPDATE gate_runs SET scored = ? WHERE run_id = ? AND scored IS NULL",
+                (score.model_dump_json(), score.run_id),
+            )
+            await self.db.commit()
         if cursor.rowcount == 0:
             return False
         async with self.arrived:
@@ -110,14 +200,147 @@ class GateLedger:
 
     async def use_pool(self, change_id: str, task: str, pool_sha256: str) -> int:
         """Count this change as tested on the pool (once); returns the pool's count so far."""
-        await self.db.execute(
-            "INSERT OR IGNORE INTO pool_uses (change_id, task, pool_sha256, at) "
-            "VALUES (?, ?, ?, ?)",
-            (change_id, task, pool_sha256, utcnow().isoformat()),
-        )
-        await self.db.commit()
+        async with self.writing:
+            await self.db.execute(
+                "INSERT OR IGNORE INTO pool_uses (change_id, task, pool_sha256, at) "
+                "VALUES (?, ?, ?, ?)",
+                (change_id, task, pool_sha256, utcnow().isoformat()),
+            )
+            await self.db.commit()
         async with self.db.execute(
             "SELECT COUNT(*) FROM pool_uses WHERE pool_sha256 = ?", (pool_sha256,)
         ) as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
+
+    # --- canaries ---------------------------------------------------------------------------------
+
+    async def start_canary(self, change_id: str, task: str, plan: CanaryPlan) -> CanaryTally:
+        """Count live scores for this change's canary from now on (once: a restarted start
+        keeps the counts so far)."""
+        async with self.writing:
+            await self.db.execute(
+                "INSERT OR IGNORE INTO canaries (change_id, task, plan, started_at) "
+                "VALUES (?, ?, ?, ?)",
+                (change_id, task, plan.model_dump_json(), utcnow().isoformat()),
+            )
+            await self.db.commit()
+        tally = await self.canary(change_id)
+        assert tally is not None
+        if not tally.finished:
+            self.canaries[task] = tally
+        return tally
+
+    async def count_live(self, score: RunScored) -> CanaryTally | None:
+        """Count a scored live run for its task's canary, once per run id, if it used one of the
+        canary's two versions and the test has not decided yet; then evaluate the test and keep
+        its first verdict. Returns the task's canary (decided or not) unless its thread has
+        taken the verdict; None when the task has none. Unscored runs are not counted."""
+        tally = self.canaries.get(score.task)
+        if tally is None or score.context.purpose != "live":
+            return None
+        arm = tally.arm(score.prompt_version)
+        if tally.decided is not None or score.score is None or arm is None:
+            return tally
+        tokens = score.judge_usage.input_tokens + score.judge_usage.output_tokens
+        async with self.writing:
+            tally = self.canaries[score.task]
+            if tally.decided is not None:
+                return tally
+            try:
+                cursor = await self.db.execute(
+                    "INSERT OR IGNORE INTO canary_runs (run_id, change_id) VALUES (?, ?)",
+                    (score.run_id, tally.change_id),
+                )
+                if cursor.rowcount == 0:  # counted before: a redelivery
+                    return tally
+                if arm == "canary":
+                    counted = replace(
+                        tally,
+                        canary_runs=tally.canary_runs + 1,
+                        canary_score=tally.canary_score + score.score,
+                    )
+                else:
+                    counted = replace(
+                        tally,
+                        stable_runs=tally.stable_runs + 1,
+                        stable_score=tally.stable_score + score.score,
+                    )
+                counted = replace(counted, judge_tokens=tally.judge_tokens + tokens)
+                stats = counted.stats()
+                if stats.verdict != "running":
+                    counted = replace(counted, decided=stats)
+                await self.db.execute(
+                    "UPDATE canaries SET stable_runs = ?, stable_score = ?, canary_runs = ?, "
+                    "canary_score = ?, judge_tokens = ?, decided = ? WHERE change_id = ?",
+                    (
+                        counted.stable_runs,
+                        counted.stable_score,
+                        counted.canary_runs,
+                        counted.canary_score,
+                        counted.judge_tokens,
+                        counted.decided.model_dump_json() if counted.decided else None,
+                        counted.change_id,
+                    ),
+                )
+                await self.db.commit()
+            except BaseException:
+                await self.db.rollback()
+                raise
+            self.canaries[score.task] = counted
+            return counted
+
+    async def finish_canary(self, change_id: str) -> None:
+        """The change's thread took the verdict: the canary is over, and the run ids it counted
+        (needed only to count each run once while it ran) are dropped."""
+        async with self.writing:
+            await self.db.execute(
+                "UPDATE canaries SET finished = 1 WHERE change_id = ?", (change_id,)
+            )
+            await self.db.execute("DELETE FROM canary_runs WHERE change_id = ?", (change_id,))
+            await self.db.commit()
+        for task, tally in list(self.canaries.items()):
+            if tally.change_id == change_id:
+                del self.canaries[task]
+
+    async def canary(self, change_id: str) -> CanaryTally | None:
+        """A change's canary as stored, finished or not; None if it never started one."""
+        async with self.db.execute(
+            f"SELECT {_TALLY_COLUMNS} FROM canaries WHERE change_id = ?", (change_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _tally(row) if row else None
+
+    def unfinished(self) -> list[CanaryTally]:
+        """Canaries whose threads have not taken a verdict: running, or decided and waiting."""
+        return list(self.canaries.values())
+
+    async def _load_canaries(self) -> None:
+        async with self.db.execute(
+            f"SELECT {_TALLY_COLUMNS} FROM canaries WHERE finished = 0 ORDER BY started_at"
+        ) as cursor:
+            async for row in cursor:
+                tally = _tally(row)
+                self.canaries[tally.task] = tally
+
+
+_TALLY_COLUMNS = (
+    "change_id, task, plan, stable_runs, stable_score, canary_runs, canary_score, judge_tokens, "
+    "decided, finished"
+)
+
+
+def _tally(row: Sequence[object]) -> CanaryTally:
+    change_id, task, plan, s_runs, s_score, c_runs, c_score, tokens, decided, finished = row
+    return CanaryTally(
+        change_id=str(change_id),
+        task=str(task),
+        plan=CanaryPlan.model_validate_json(str(plan)),
+        stable_runs=int(str(s_runs)),
+        stable_score=float(str(s_score)),
+        canary_runs=int(str(c_runs)),
+        canary_score=float(str(c_score)),
+        judge_tokens=int(str(tokens)),
+        decided=CanaryStats.model_validate_json(str(decided)) if decided else None,
+        finished=bool(finished),
+    )

@@ -1,4 +1,5 @@
-"""Drives change threads: start on a proposal, resume on a decision, finish what a crash left."""
+"""Drives change threads: start on a proposal, resume on a decision or a canary's verdict, finish
+what a crash left."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
-from ratchet.contracts import ChangeDecision, ChangeProposed
+from ratchet.contracts import ChangeDecision, ChangeProposed, RunScored
 from ratchet.natsconf import POLICY_APPROVER
 from ratchet_gatekeeper.graph import Gate
 
 log = logging.getLogger("ratchet.gatekeeper")
+# where a thread waits for something outside it: a decision, a canary's verdict
+WAITING = (("decide",), ("canary_verdict",))
+# where a crash after the decision can leave a thread; its redelivered decision finishes them
+AFTER_DECISION = {"apply", "verify", "holdout", "canary"}
 
 
 class EarlyDecision(RuntimeError):
@@ -51,7 +56,7 @@ class GateRunner:
             if not values:
                 start = {"change": change.model_dump(mode="json"), "proposer": proposer}
                 await self.graph.ainvoke(start, self.config(change.change_id))
-            elif pending and pending != ("decide",):
+            elif pending and pending not in WAITING:
                 await self.graph.ainvoke(None, self.config(change.change_id))
 
     async def on_decision(self, decision: ChangeDecision, *, approved: bool, approver: str) -> bool:
@@ -100,10 +105,50 @@ class GateRunner:
             }
             await self.graph.ainvoke(Command(resume=resume), self.config(decision.change_id))
             return True
-        if pending and set(pending) <= {"apply", "verify", "holdout"}:  # decided, then a crash
+        if pending and set(pending) <= AFTER_DECISION:  # decided, then a crash
             await self.graph.ainvoke(None, self.config(decision.change_id))
+            return True
+        if pending == ("canary_verdict",):  # decided: the change is in canary now
             return True
         if pending:  # the evidence exists, but a crash stopped the thread before the gate
             raise EarlyDecision(f"change {decision.change_id} is at {pending}, not at the gate yet")
         log.warning("decision for %s ignored: the change is already decided", decision.change_id)
         return False
+
+    async def on_scored(self, score: RunScored) -> None:
+        """A score from ``run.scored``: a gate run's goes to the ledger; a live run's counts for
+        its task's canary, and once the canary's test has decided, the change's thread takes the
+        verdict. A redelivered score finds the decision again, so a crash while promoting or
+        rolling back is finished by the redelivery."""
+        ledger = self.gate.ledger
+        if await ledger.record(score):
+            return
+        tally = await ledger.count_live(score)
+        if tally is not None and tally.decided is not None:
+            await self.finish_canary(tally.change_id)
+
+    async def finish_canary(self, change_id: str) -> bool:
+        """Resume a change whose canary has a verdict in the ledger and whose thread waits for
+        it; True once its thread has taken it. A thread that has not reached the wait yet (a
+        crash stopped it before) takes the verdict from the ledger when its redelivered
+        decision brings it there."""
+        async with self.locks[change_id]:
+            tally = await self.gate.ledger.canary(change_id)
+            if tally is None or tally.decided is None:
+                return False
+            if tally.finished:
+                return True
+            _, pending = await self.status(change_id)
+            if pending != ("canary_verdict",):
+                log.warning("canary of %s decided, its thread is at %s", change_id, pending)
+                return False
+            verdict = tally.decided.model_dump(mode="json")
+            await self.graph.ainvoke(Command(resume=verdict), self.config(change_id))
+            return True
+
+    async def finish_decided_canaries(self) -> None:
+        """At start: every canary decided before a crash, whose thread did not take the
+        verdict, takes it now (without waiting for another live score)."""
+        for tally in self.gate.ledger.unfinished():
+            if tally.decided is not None:
+                await self.finish_canary(tally.change_id)

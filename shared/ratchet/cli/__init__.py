@@ -16,12 +16,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ratchet.cli import changes, prompts, runs, stack, suites
-from ratchet.cli.client import ClientError
-from ratchet.natsproc import NatsStartError
-from ratchet.untrusted import for_terminal
+SERVICES_EXTRA = "this command needs the services extra: pip install 'ratchet[services]'"
 
-GROUPS = (stack, runs, changes, prompts, suites)  # the order `ratchet --help` lists them in
+try:
+    from ratchet.cli import changes, console, prompts, runs, stack, suites
+    from ratchet.cli.client import ClientError
+    from ratchet.natsproc import NatsStartError
+    from ratchet.untrusted import for_terminal
+except ModuleNotFoundError as missing:  # the base install (the SDK alone) has no CLI
+    if (missing.name or "ratchet").partition(".")[0] == "ratchet":
+        raise
+    print(f"ratchet: error: {SERVICES_EXTRA} (no module {missing.name})", file=sys.stderr)
+    raise SystemExit(1) from None
+
+# the order `ratchet --help` lists them in
+GROUPS = (stack, runs, changes, prompts, suites, console)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,17 +34,19 @@ from ratchet.cli.render import (
     shown,
     trail_table,
 )
-from ratchet.contracts import ChangeProposed
+from ratchet.contracts import CanaryStats, ChangeProposed, ChangeRecorded
 from ratchet.messaging import QUERY_PREFIX
 from ratchet.natsconf import CLIENT
 from ratchet.prompts import read_current
 from ratchet.queries import (
+    CANARY_OUTCOMES,
     ChangesQuery,
     ChangeSummary,
     ProposeReply,
     ProposeRequest,
 )
 from ratchet.settings import Settings
+from ratchet.store import AuditRecord
 
 
 async def cmd_propose(args: argparse.Namespace) -> int:
@@ -148,9 +150,24 @@ async def cmd_show(args: argparse.Namespace) -> int:
     console.print(
         Text.assemble(shown(f"change {args.change}", "bold"), ": ", shown(trail[-1].kind))
     )
-    print_evidence(trail)
+    print_evidence(trail, live=await live_canary(trail))
     console.print(trail_table(trail))
     return 0
+
+
+async def live_canary(trail: list[AuditRecord]) -> CanaryStats | None:
+    """A running canary's counts so far (the gatekeeper's ledger holds them, not the trail)."""
+    kinds = {r.kind for r in trail}
+    if "canary" not in kinds or kinds & CANARY_OUTCOMES:
+        return None
+    task = next((str(r.payload["task"]) for r in trail if r.kind == "canary"), None)
+    changes = await query(
+        f"{QUERY_PREFIX}.changes",
+        ChangesQuery(task=task),
+        TypeAdapter(list[ChangeSummary]),
+        service="gatekeeper",
+    )
+    return next((c.canary for c in changes if c.change_id == trail[0].change_id), None)
 
 
 async def cmd_decide(args: argparse.Namespace) -> int:
@@ -209,14 +226,9 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     pinned = pinned_key(args.public_key) if args.public_key else None
     nc = await open_client(client_settings())
     try:
-        records, sent_key = await fetch_audit(nc)
-        key, key_line, mismatch = verifying_key(pinned, sent_key)
-        reading = await fetch_anchor(nc, key)
+        records, key_line, anchor, report = await checked_trail(nc, pinned)
     finally:
         await nc.close()
-    anchor = reading.event
-    report = verify_trail(records, key, reading.head)
-    report.problems[:0] = [*([mismatch] if mismatch else []), *reading.problems]
     if not args.verify:
         console.print(audit_table([r for r in records if args.change in (None, r.change_id)]))
         if report.problems:
@@ -229,6 +241,21 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         else "anchor: no valid one in the RATCHET stream"
     )
     return print_verdict(report, len(records))
+
+
+async def checked_trail(
+    nc: Client, pinned: AuditKey | None
+) -> tuple[list[AuditRecord], str, ChangeRecorded | None, TrailReport]:
+    """The whole trail and what checking it found (``ratchet audit``, the review console): the
+    records, a line saying which key checked the signatures, the anchor it was checked against,
+    and the report, whose problems include a key that is not the pinned one and messages on
+    ``change.recorded`` that are no valid anchor."""
+    records, sent_key = await fetch_audit(nc)
+    key, key_line, mismatch = verifying_key(pinned, sent_key)
+    reading = await fetch_anchor(nc, key)
+    report = verify_trail(records, key, reading.head)
+    report.problems[:0] = [*([mismatch] if mismatch else []), *reading.problems]
+    return records, key_line, reading.event, report
 
 
 def print_verdict(report: TrailReport, count: int) -> int:

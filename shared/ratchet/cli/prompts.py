@@ -38,17 +38,7 @@ async def propose_rollback(settings: Settings, task: str, version: int) -> int:
     """Propose the prompt of ``version`` again: a change like any other, through the gate."""
 
     async def rollback(nc: Client) -> ChangeProposed:
-        history = await stored_history(nc, task)
-        target = next((v for v in history if v.version == version), None)
-        if target is None:
-            raise ClientError(f"task {task!r} has no version {version}")
-        return ChangeProposed(
-            task=task,
-            base_version=history[-1].version,
-            proposed_prompt=target.record.text,
-            rationale=f"roll back to version {target.version}",
-            margin=settings.gate.rollback_margin,  # kept if shown no worse: needs a person
-        )
+        return await rollback_change(nc, task, version, settings)
 
     change = await publish_change(settings, rollback)
     plain(
@@ -57,6 +47,24 @@ async def propose_rollback(settings: Settings, task: str, version: int) -> int:
         "person's approval"
     )
     return 0
+
+
+async def rollback_change(
+    nc: Client, task: str, version: int, settings: Settings
+) -> ChangeProposed:
+    """The change that proposes ``version``'s prompt again, against the current version (the
+    CLI's ``--rollback-to`` and the review console's rollback button)."""
+    history = await stored_history(nc, task)
+    target = next((v for v in history if v.version == version), None)
+    if target is None:
+        raise ClientError(f"task {task!r} has no version {version}")
+    return ChangeProposed(
+        task=task,
+        base_version=history[-1].version,
+        proposed_prompt=target.record.text,
+        rationale=f"roll back to version {target.version}",
+        margin=settings.gate.rollback_margin,  # kept if shown no worse: needs a person
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

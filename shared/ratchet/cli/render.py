@@ -11,11 +11,14 @@ Strings with markup are for the commands' own words only.
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ratchet.contracts import FailureGroup, Measurement
+from ratchet.canary import describe_steps as describe_canary
+from ratchet.contracts import CanaryStats, FailureGroup, Measurement
 from ratchet.evidence import describe, describe_after
 from ratchet.prompts import PromptVersion
 from ratchet.queries import ChangeSummary
@@ -50,8 +53,12 @@ def plain(text: str) -> None:
     console.print(shown(text))
 
 
-def print_evidence(trail: list[AuditRecord], out: Console | None = None) -> None:
-    """What a person needs to decide: the proposal, the gate's evidence and the diff.
+def print_evidence(
+    trail: list[AuditRecord], out: Console | None = None, *, live: CanaryStats | None = None
+) -> None:
+    """What a person needs to decide: the proposal, the gate's evidence and the diff; then what
+    happened after applying, the canary (``live``: its counts while it runs) and the judge's
+    tokens.
 
     Everything here may hold untrusted text (a task, a rationale, a prompt, a decision's reason),
     so every line is :func:`shown`."""
@@ -76,12 +83,37 @@ def print_evidence(trail: list[AuditRecord], out: Console | None = None) -> None
     if measured := by_kind.get("measured"):
         lines += [shown(line) for line in describe(Measurement.model_validate(measured))]
     lines += [shown(line) for line in describe_after(by_kind)]
+    lines += [shown(line) for line in describe_canary(by_kind, live)]
+    if tokens := judge_tokens(by_kind):
+        lines.append(shown(tokens))
     if invalid := by_kind.get("invalid"):
         lines += [shown(f"  invalid: {problem}") for problem in invalid["problems"]]
     for refused in (r for r in trail if r.kind == "decision_refused"):
         lines.append(shown(f"  refused decision by {refused.actor}: {refused.payload['why']}"))
     for line in lines:
         out.print(line)
+
+
+JUDGED_STEPS = {  # audit kind -> the runs whose judge tokens its record holds
+    "awaiting_approval": "measure",
+    "verified": "verify",
+    "holdout": "holdout",
+}
+
+
+def judge_tokens(by_kind: dict[str, dict[str, Any]]) -> str:
+    """What judging the change's runs cost, by step ("" where no record says)."""
+    parts = [
+        (label, int(by_kind[kind]["judge_tokens"]))
+        for kind, label in JUDGED_STEPS.items()
+        if "judge_tokens" in by_kind.get(kind, {})
+    ]
+    if outcome := by_kind.get("promoted") or by_kind.get("canary_rolled_back"):
+        parts.append(("canary (live runs)", int(outcome["stats"]["judge_tokens"])))
+    if not parts:
+        return ""
+    each = ", ".join(f"{label} {tokens}" for label, tokens in parts)
+    return f"judge tokens: {sum(t for _, t in parts)} ({each})"
 
 
 def trace_table(failure: FailureRecord) -> Table:
@@ -101,17 +133,32 @@ def groups_table(groups: list[FailureGroup]) -> Table:
     return table
 
 
+STATUS_LABELS = {"canary": "in canary", "canary_rolled_back": "rolled back by canary"}
+
+
 def changes_table(changes: list[ChangeSummary]) -> Table:
-    table = Table("change", "task", "by", "status", "updated")
+    table = Table("change", "task", "by", "status", "canary", "updated")
     for c in changes:
         table.add_row(
             shown(c.change_id),
             shown(c.task),
             shown(c.proposer),
-            shown(c.status),
+            shown(STATUS_LABELS.get(c.status, c.status)),
+            canary_cell(c.canary),
             f"{c.updated_at:%Y-%m-%d %H:%M:%S}",
         )
     return table
+
+
+def canary_cell(stats: CanaryStats | None) -> str:
+    """A canary's counts and bounds in a few words ("" for a change without one)."""
+    if stats is None:
+        return ""
+    verdict = "" if stats.verdict == "running" else f"{stats.verdict}: "
+    return (
+        f"{verdict}{stats.canary_runs} canary (v{stats.canary_version}) / {stats.stable_runs} "
+        f"stable runs, lift {stats.lift:+.1%} ({stats.lower:+.1%} to {stats.upper:+.1%})"
+    )
 
 
 def trail_table(trail: list[AuditRecord]) -> Table:

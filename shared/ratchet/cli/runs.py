@@ -99,6 +99,7 @@ async def cmd_failures(args: argparse.Namespace) -> int:
         problem=args.problem,
         since=_parse_time(args.since),
         until=_parse_time(args.until),
+        origin=args.origin,
         limit=args.limit,
     )
     failures = await query(
@@ -112,14 +113,21 @@ async def cmd_failures(args: argparse.Namespace) -> int:
         return 0
     if not failures:
         console.print(
-            shown("no failures stored" + (f" for task {args.task!r}" if args.task else ""))
+            shown(
+                "no failures stored"
+                + (f" for task {args.task!r}" if args.task else "")
+                + (f" from {args.origin}" if args.origin else "")
+            )
         )
         return 0
     for f in failures:
         console.rule(
             Text.assemble(
                 shown(f.task, "bold"),
-                shown(f" run {f.run_id} · score {f.score:.2f} · {f.logged_at:%Y-%m-%d %H:%M:%S}"),
+                shown(
+                    f" run {f.run_id} · score {f.score:.2f} · from {f.origin} · "
+                    f"{f.logged_at:%Y-%m-%d %H:%M:%S}"
+                ),
             )
         )
         console.print(labelled("input:", f.input))
@@ -133,7 +141,7 @@ async def cmd_failures(args: argparse.Namespace) -> int:
 async def cmd_groups(args: argparse.Namespace) -> int:
     groups = await query(
         f"{QUERY_PREFIX}.groups",
-        FailureQuery(task=args.task, limit=args.limit),
+        FailureQuery(task=args.task, origin=args.origin, limit=args.limit),
         TypeAdapter(list[FailureGroup]),
         service="failure store",
     )
@@ -141,9 +149,15 @@ async def cmd_groups(args: argparse.Namespace) -> int:
         print(json.dumps([g.model_dump(mode="json") for g in groups], indent=2))
         return 0
     total = sum(g.size for g in groups)
-    console.print(shown(f"{total} failures of {args.task!r} in {len(groups)} recurring patterns"))
+    origin = f" from {args.origin}" if args.origin else ""
+    console.print(
+        shown(f"{total} failures of {args.task!r}{origin} in {len(groups)} recurring patterns")
+    )
     console.print(groups_table(groups))
     return 0
+
+
+ORIGIN_HELP = 'only failures of runs from here: "executor", or "app:NAME" (an instrumented app)'
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -166,6 +180,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     failures.add_argument("--problem", help="only failures with a problem containing this text")
     failures.add_argument("--since", help="ISO date/time")
     failures.add_argument("--until", help="ISO date/time")
+    failures.add_argument("--origin", help=ORIGIN_HELP)
     failures.add_argument("--limit", type=int, default=20)
     failures.add_argument("--json", action="store_true")
     failures.set_defaults(handler=cmd_failures, is_async=True)
@@ -173,5 +188,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     groups = sub.add_parser("groups", help="a task's failures grouped into recurring patterns")
     groups.add_argument("--task", required=True)
     groups.add_argument("--limit", type=int, default=200, help="newest failures to group")
+    groups.add_argument("--origin", help=ORIGIN_HELP)
     groups.add_argument("--json", action="store_true")
     groups.set_defaults(handler=cmd_groups, is_async=True)

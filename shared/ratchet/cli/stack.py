@@ -45,7 +45,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack: Stack | None = None
         try:  # a failure or a stop signal during start-up: start_stack stops what had started
             try:
-                stack = start_stack(settings, evaluators=args.evaluators, on_ready=ready)
+                stack = start_stack(
+                    settings, evaluators=args.evaluators, executors=args.executors, on_ready=ready
+                )
             except StartFailed as exc:
                 failed = exc.failed
             else:
@@ -105,7 +107,8 @@ def cmd_natsconf(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    roles = users(get_settings().approvers)
+    settings = get_settings()
+    roles = users(settings.approvers, settings.apps)
     passwords = generate_passwords(roles)
     config = out / "nats-server.conf"
     write_secret(
@@ -214,6 +217,7 @@ def _stack_running() -> bool:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = sub.add_parser("up", help="start nats-server, the local model and every service")
     up.add_argument("--evaluators", type=int, default=1, help="evaluator replicas (default 1)")
+    up.add_argument("--executors", type=int, default=1, help="executor replicas (default 1)")
     up.add_argument(
         "--max-restarts",
         type=int,

@@ -236,6 +236,7 @@ class Stack:
                 urlparse(self.settings.nats_url).port or 4222,
                 log_path=self.logs / f"{NATS}.log",
                 approvers=self.settings.approvers,
+                apps=self.settings.apps,
                 preexec_fn=child_setup(),
             )
         return self.nats
@@ -401,6 +402,7 @@ def start_stack(
     settings: Settings,
     *,
     evaluators: int = 1,
+    executors: int = 1,
     on_ready: Callable[[str, float], None] = lambda name, seconds: None,
     services: tuple[Service, ...] = CORE_SERVICES,
 ) -> Stack:
@@ -422,7 +424,7 @@ def start_stack(
             on_ready(LOCAL_MODEL, time.monotonic() - began)
         for service in services:
             name = service.name
-            copies = evaluators if name == "evaluator" else 1
+            copies = {"evaluator": evaluators, "executor": executors}.get(name, 1)
             began = time.monotonic()
             for copy in range(copies):
                 stack.add(f"{name}-{copy + 1}" if copies > 1 else name, service)

@@ -17,16 +17,34 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 from pydantic_core import to_jsonable_python
 
 from ratchet.audit import GENESIS_HASH, AuditSigner, canonical_json, record_hash
-from ratchet.contracts import RunCompleted, RunScored, TraceStep, utcnow
+from ratchet.contracts import EXECUTOR_ORIGIN, RunCompleted, RunScored, TraceStep, utcnow
 
 
 class StoredRun(BaseModel):
-    """A run as far as it is known: the executor's and evaluator's events arrive in any order."""
+    """A run as far as it is known: the executor's and evaluator's events arrive in any order.
+    ``origin``: who ran it, as both events say ("executor", or "app:<name>" for a reported run)."""
 
     run_id: str
     task: str
+    origin: str = EXECUTOR_ORIGIN
     completed: RunCompleted | None = None
     scored: RunScored | None = None
+
+
+# Where a gate run belongs, kept beside it (columns, or fields) so that one change's runs can be
+# found without reading every run: its change, stage, case, arm and repeat (RunContext's fields).
+GATE_PLACE = ("gate_change", "gate_stage", "gate_case", "gate_arm", "gate_repeat")
+
+
+def gate_place(event: RunCompleted | RunScored) -> dict[str, str | int | None]:
+    """The ``GATE_PLACE`` fields of the run ``event`` is about: its context for a gate run, all
+    None for a live run (whatever its context names: only the gatekeeper can make a gate run, so
+    a live run's context never places it among a change's runs)."""
+    context = event.context
+    if context.purpose != "gate":
+        return dict.fromkeys(GATE_PLACE)
+    values = (context.change_id, context.stage, context.case_id, context.arm, context.repeat)
+    return dict(zip(GATE_PLACE, values, strict=True))
 
 
 class FailureRecord(BaseModel):
@@ -43,6 +61,11 @@ class FailureRecord(BaseModel):
     rules_sha256: str
     model: str
     logged_at: AwareDatetime = Field(default_factory=utcnow)
+    origin: str = Field(
+        default=EXECUTOR_ORIGIN,
+        description='Where the run ran: "executor", or "app:<name>" for a production run an '
+        "instrumented app reported (records from before origins were kept: the executor).",
+    )
 
     @field_validator("logged_at")
     @classmethod
@@ -54,13 +77,15 @@ class FailureQuery(BaseModel):
     """Which failures to list: all filters combine; results come newest first.
 
     The time range is half-open (``since <= logged_at < until``), so consecutive windows never
-    count a failure twice. ``problem`` matches a case-insensitive substring of any problem.
+    count a failure twice. ``problem`` matches a case-insensitive substring of any problem;
+    ``origin`` is exact ("executor", "app:<name>").
     """
 
     task: str | None = None
     since: AwareDatetime | None = None
     until: AwareDatetime | None = None
     problem: str | None = None
+    origin: str | None = None
     limit: int = Field(default=100, ge=1)
 
 
@@ -140,6 +165,14 @@ class Store(ABC):
     @abstractmethod
     async def get_run(self, run_id: str) -> StoredRun | None:
         """The run, or None if neither of its events has been saved."""
+
+    @abstractmethod
+    async def gate_runs(
+        self, change_id: str, stage: str, case_ids: list[str], repeats: int
+    ) -> list[StoredRun]:
+        """The gate runs of one change's ``stage`` on ``case_ids``, both arms, with a repeat below
+        ``repeats``; at most ``2 * len(case_ids) * repeats`` of them, by case, arm and repeat.
+        Live runs are never among them."""
 
     @abstractmethod
     async def add_failure(self, failure: FailureRecord) -> bool:

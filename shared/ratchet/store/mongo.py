@@ -5,7 +5,11 @@ seq. Two appenders that read the same chain head race for the same seq; the lose
 duplicate-key error and retries on the new head, so the chain never forks. Events, failure records
 and audit payloads are stored as JSON text, which keeps them (and so the audit hashes) byte-exact:
 BSON would cut datetimes to milliseconds and drop their timezone. Audit documents from before
-records were signed have no ``key_id`` / ``signature`` fields and read back unsigned.
+records were signed have no ``key_id`` / ``signature`` fields and read back unsigned; runs and
+failures from before origins were kept have no ``origin`` and read back as the executor's. A gate
+run's place (its change, stage, case, arm, repeat) is kept in ``gate_*`` fields beside its events,
+which a live run does not have; gate runs stored before those fields existed are not found by
+:meth:`MongoStore.gate_runs` (their context is inside the events' JSON text).
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
 from ratchet.audit import AuditSigner, utc_text
-from ratchet.contracts import RunCompleted, RunScored
+from ratchet.contracts import EXECUTOR_ORIGIN, RunCompleted, RunScored
 from ratchet.store.base import (
     AuditRecord,
     FailureQuery,
     FailureRecord,
     Store,
     StoredRun,
+    gate_place,
     next_audit_record,
 )
 
@@ -43,6 +48,7 @@ def _run(doc: Document) -> StoredRun:
     return StoredRun(
         run_id=doc["_id"],
         task=doc["task"],
+        origin=doc.get("origin", EXECUTOR_ORIGIN),
         completed=RunCompleted.model_validate_json(completed) if completed else None,
         scored=RunScored.model_validate_json(scored) if scored else None,
     )
@@ -68,10 +74,13 @@ def _failure_filter(
     since: datetime | None,
     until: datetime | None = None,
     problem: str | None = None,
+    origin: str | None = None,
 ) -> Document:
     filter_: Document = {}
     if task is not None:
         filter_["task"] = task
+    if origin is not None:  # a failure from before origins were kept is the executor's
+        filter_["origin"] = {"$in": [origin, None]} if origin == EXECUTOR_ORIGIN else origin
     logged_at: Document = {}
     if since is not None:
         logged_at["$gte"] = utc_text(since)
@@ -103,30 +112,66 @@ class MongoStore(Store):
             if not self._indexes_ready:
                 await self._failures.create_index([("task", ASCENDING), ("logged_at", DESCENDING)])
                 await self._failures.create_index([("logged_at", DESCENDING)])
+                await self._failures.create_index(
+                    [("origin", ASCENDING), ("logged_at", DESCENDING)]
+                )
                 await self._audit.create_index([("change_id", ASCENDING), ("_id", ASCENDING)])
+                await self._runs.create_index(  # sparse: live runs have no gate fields
+                    [
+                        (field, ASCENDING)
+                        for field in ("gate_change", "gate_stage", "gate_case", "gate_repeat")
+                    ],
+                    sparse=True,
+                )
                 self._indexes_ready = True
 
-    async def _upsert_run(self, run_id: str, task: str, field: str, event_json: str) -> StoredRun:
+    async def _upsert_run(self, event: RunCompleted | RunScored, field: str) -> StoredRun:
         await self._ready()
+        place = gate_place(event)
+        update: Document = {
+            "$set": {field: event.model_dump_json(), "origin": event.origin},
+            "$setOnInsert": {"task": event.task},
+        }
+        if place["gate_change"] is None:  # a live run: no gate fields (the index skips it)
+            update["$unset"] = dict.fromkeys(place, "")
+        else:
+            update["$set"].update(place)
         doc = await self._runs.find_one_and_update(
-            {"_id": run_id},
-            {"$set": {field: event_json}, "$setOnInsert": {"task": task}},
-            upsert=True,
-            return_document=ReturnDocument.AFTER,
+            {"_id": event.run_id}, update, upsert=True, return_document=ReturnDocument.AFTER
         )
         assert doc is not None  # an upsert returning the document after it always has one
         return _run(doc)
 
     async def save_completed(self, run: RunCompleted) -> StoredRun:
-        return await self._upsert_run(run.run_id, run.task, "completed", run.model_dump_json())
+        return await self._upsert_run(run, "completed")
 
     async def save_scored(self, score: RunScored) -> StoredRun:
-        return await self._upsert_run(score.run_id, score.task, "scored", score.model_dump_json())
+        return await self._upsert_run(score, "scored")
 
     async def get_run(self, run_id: str) -> StoredRun | None:
         await self._ready()
         doc = await self._runs.find_one({"_id": run_id})
         return _run(doc) if doc else None
+
+    async def gate_runs(
+        self, change_id: str, stage: str, case_ids: list[str], repeats: int
+    ) -> list[StoredRun]:
+        if not case_ids:
+            return []
+        await self._ready()
+        cursor = (
+            self._runs.find(
+                {
+                    "gate_change": change_id,
+                    "gate_stage": stage,
+                    "gate_case": {"$in": case_ids},
+                    "gate_repeat": {"$lt": repeats},
+                }
+            )
+            .sort([("gate_case", ASCENDING), ("gate_arm", ASCENDING), ("gate_repeat", ASCENDING)])
+            .limit(2 * len(case_ids) * repeats)
+        )
+        return [_run(doc) async for doc in cursor]
 
     async def add_failure(self, failure: FailureRecord) -> bool:
         await self._ready()
@@ -137,6 +182,7 @@ class MongoStore(Store):
                     "task": failure.task,
                     "logged_at": utc_text(failure.logged_at),
                     "problems": failure.problems,
+                    "origin": failure.origin,
                     "record": failure.model_dump_json(),
                 }
             )
@@ -148,7 +194,7 @@ class MongoStore(Store):
         await self._ready()
         cursor = (
             self._failures.find(
-                _failure_filter(query.task, query.since, query.until, query.problem),
+                _failure_filter(query.task, query.since, query.until, query.problem, query.origin),
                 projection={"record": True},
             )
             .sort([("logged_at", DESCENDING), ("_id", DESCENDING)])

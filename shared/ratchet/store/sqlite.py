@@ -3,8 +3,11 @@
 WAL mode lets readers run while one process writes; ``busy_timeout`` makes a writer wait for the
 lock instead of failing. Audit appends take the write lock first (``BEGIN IMMEDIATE``), so two
 processes never read the same chain head. Events are stored as their JSON, which keeps
-timezones and every field exactly as they were published. A trail from before records were
-signed gains the signature columns when first opened; its old rows stay unsigned.
+timezones and every field exactly as they were published. A file from an older release gains the
+columns added since when first opened: a trail from before records were signed its signature
+columns (its old rows stay unsigned), runs and failures from before origins were kept their
+``origin`` (the executor, the only origin there was), and runs from before gate runs were placed
+their ``gate_*`` columns, filled in once from each gate run's stored context.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from typing import Any
 import aiosqlite
 
 from ratchet.audit import AuditSigner, utc_text
-from ratchet.contracts import RunCompleted, RunScored
+from ratchet.contracts import EXECUTOR_ORIGIN, RunCompleted, RunScored
 from ratchet.store.base import (
     AuditRecord,
     FailureQuery,
     FailureRecord,
     Store,
     StoredRun,
+    gate_place,
     next_audit_record,
 )
 
@@ -46,19 +50,35 @@ async def open_own_db(path: Path, schema: str) -> aiosqlite.Connection:
     return db
 
 
-SCHEMA = """
+ORIGIN_COLUMN = f"TEXT NOT NULL DEFAULT '{EXECUTOR_ORIGIN}'"
+# Where a gate run belongs (ratchet.store.base.GATE_PLACE); NULL for live runs
+GATE_COLUMNS = {
+    "gate_change": "TEXT",
+    "gate_stage": "TEXT",
+    "gate_case": "TEXT",
+    "gate_arm": "TEXT",
+    "gate_repeat": "INTEGER",
+}
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
-    run_id    TEXT PRIMARY KEY,
-    task      TEXT NOT NULL,
-    completed TEXT,
-    scored    TEXT
+    run_id      TEXT PRIMARY KEY,
+    task        TEXT NOT NULL,
+    completed   TEXT,
+    scored      TEXT,
+    origin      {ORIGIN_COLUMN},
+    gate_change TEXT,
+    gate_stage  TEXT,
+    gate_case   TEXT,
+    gate_arm    TEXT,
+    gate_repeat INTEGER
 );
 CREATE TABLE IF NOT EXISTS failures (
     run_id    TEXT PRIMARY KEY,
     task      TEXT NOT NULL,
     logged_at TEXT NOT NULL,
     problems  TEXT NOT NULL,
-    record    TEXT NOT NULL
+    record    TEXT NOT NULL,
+    origin    {ORIGIN_COLUMN}
 );
 CREATE INDEX IF NOT EXISTS failures_by_task_time ON failures (task, logged_at);
 CREATE INDEX IF NOT EXISTS failures_by_time ON failures (logged_at);
@@ -76,10 +96,34 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_by_change ON audit (change_id, seq);
 """
-# Columns added since the first release, each with its type: added to an older file on open.
-AUDIT_ADDED_COLUMNS = {"key_id": "TEXT", "signature": "TEXT"}
+# Columns added since the first release, by table, each with its type: added to an older file on
+# open (before INDEXES, which may use them).
+ADDED_COLUMNS = {
+    "audit": {"key_id": "TEXT", "signature": "TEXT"},
+    "runs": {"origin": ORIGIN_COLUMN, **GATE_COLUMNS},
+    "failures": {"origin": ORIGIN_COLUMN},
+}
+# Run once, when the column they are keyed by is added (after every column of its table): rows
+# stored before it get their values from their stored JSON. A gate run's place comes from its
+# context, which either event carries; live runs stay NULL.
+BACKFILLS = {
+    ("runs", "gate_change"): """
+UPDATE runs SET
+    gate_change = json_extract(coalesce(completed, scored), '$.context.change_id'),
+    gate_stage  = json_extract(coalesce(completed, scored), '$.context.stage'),
+    gate_case   = json_extract(coalesce(completed, scored), '$.context.case_id'),
+    gate_arm    = json_extract(coalesce(completed, scored), '$.context.arm'),
+    gate_repeat = json_extract(coalesce(completed, scored), '$.context.repeat')
+WHERE json_extract(coalesce(completed, scored), '$.context.purpose') = 'gate'
+""",
+}
+INDEXES = """
+CREATE INDEX IF NOT EXISTS failures_by_origin_time ON failures (origin, logged_at);
+CREATE INDEX IF NOT EXISTS runs_by_gate_place
+    ON runs (gate_change, gate_stage, gate_case, gate_repeat) WHERE gate_change IS NOT NULL;
+"""
 
-RUN_COLUMNS = "run_id, task, completed, scored"
+RUN_COLUMNS = "run_id, task, origin, completed, scored"
 AUDIT_COLUMNS = "seq, change_id, kind, actor, payload, at, prev_hash, hash, key_id, signature"
 
 
@@ -90,10 +134,11 @@ def _any_problem_contains(problems_json: str, needle: str) -> bool:
 
 
 def _run(row: aiosqlite.Row) -> StoredRun:
-    run_id, task, completed, scored = row
+    run_id, task, origin, completed, scored = row
     return StoredRun(
         run_id=run_id,
         task=task,
+        origin=origin,
         completed=RunCompleted.model_validate_json(completed) if completed else None,
         scored=RunScored.model_validate_json(scored) if scored else None,
     )
@@ -115,15 +160,21 @@ def _audit(row: aiosqlite.Row) -> AuditRecord:
     )
 
 
-async def _add_audit_columns(db: aiosqlite.Connection) -> None:
-    """Give an audit table from before signing its new columns (under the write lock, so two
+async def _add_columns(db: aiosqlite.Connection) -> None:
+    """Give the tables of an older file the columns added since, and their rows those columns'
+    values where they can be read from what the row holds (under the write lock, so two
     processes opening the same old file do not both add them)."""
     await db.execute("BEGIN IMMEDIATE")
     try:
-        present = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(audit)")}
-        for column, type_ in AUDIT_ADDED_COLUMNS.items():
-            if column not in present:
-                await db.execute(f"ALTER TABLE audit ADD COLUMN {column} {type_}")
+        for table, added in ADDED_COLUMNS.items():
+            rows = await db.execute_fetchall(f"PRAGMA table_info({table})")
+            present = {row[1] for row in rows}
+            missing = [column for column in added if column not in present]
+            for column in missing:
+                await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {added[column]}")
+            for column in missing:
+                if backfill := BACKFILLS.get((table, column)):
+                    await db.execute(backfill)
     except BaseException:
         await db.execute("ROLLBACK")
         raise
@@ -153,29 +204,33 @@ class SqliteStore(Store):
                         "any_problem_contains", 2, _any_problem_contains, deterministic=True
                     )
                     await db.executescript(SCHEMA)
-                    await _add_audit_columns(db)
+                    await _add_columns(db)
+                    await db.executescript(INDEXES)
                 except BaseException:  # as in open_own_db: its thread would hold the process
                     await db.close()
                     raise
                 self._db = db
             return self._db
 
-    async def _upsert_run(self, run_id: str, task: str, column: str, event_json: str) -> StoredRun:
+    async def _upsert_run(self, event: RunCompleted | RunScored, column: str) -> StoredRun:
         db = await self._conn()
+        place = gate_place(event)
+        updated = ", ".join(f"{name} = excluded.{name}" for name in ("origin", *place))
         async with self._write_lock:
             rows = await db.execute_fetchall(
-                f"INSERT INTO runs (run_id, task, {column}) VALUES (?, ?, ?) "
-                f"ON CONFLICT (run_id) DO UPDATE SET {column} = excluded.{column} "
+                f"INSERT INTO runs (run_id, task, {column}, origin, {', '.join(place)}) "
+                f"VALUES ({', '.join('?' * (4 + len(place)))}) "
+                f"ON CONFLICT (run_id) DO UPDATE SET {column} = excluded.{column}, {updated} "
                 f"RETURNING {RUN_COLUMNS}",
-                (run_id, task, event_json),
+                (event.run_id, event.task, event.model_dump_json(), event.origin, *place.values()),
             )
         return _run(next(iter(rows)))
 
     async def save_completed(self, run: RunCompleted) -> StoredRun:
-        return await self._upsert_run(run.run_id, run.task, "completed", run.model_dump_json())
+        return await self._upsert_run(run, "completed")
 
     async def save_scored(self, score: RunScored) -> StoredRun:
-        return await self._upsert_run(score.run_id, score.task, "scored", score.model_dump_json())
+        return await self._upsert_run(score, "scored")
 
     async def get_run(self, run_id: str) -> StoredRun | None:
         db = await self._conn()
@@ -183,18 +238,33 @@ class SqliteStore(Store):
             row = await cur.fetchone()
         return _run(row) if row else None
 
+    async def gate_runs(
+        self, change_id: str, stage: str, case_ids: list[str], repeats: int
+    ) -> list[StoredRun]:
+        if not case_ids:
+            return []
+        db = await self._conn()
+        rows = await db.execute_fetchall(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE gate_change = ? AND gate_stage = ? "
+            f"AND gate_case IN ({', '.join('?' * len(case_ids))}) AND gate_repeat < ? "
+            "ORDER BY gate_case, gate_arm, gate_repeat, run_id LIMIT ?",
+            (change_id, stage, *case_ids, repeats, 2 * len(case_ids) * repeats),
+        )
+        return [_run(row) for row in rows]
+
     async def add_failure(self, failure: FailureRecord) -> bool:
         db = await self._conn()
         async with self._write_lock:
             cur = await db.execute(
-                "INSERT INTO failures (run_id, task, logged_at, problems, record) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING",
+                "INSERT INTO failures (run_id, task, logged_at, problems, record, origin) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING",
                 (
                     failure.run_id,
                     failure.task,
                     utc_text(failure.logged_at),
                     json.dumps(failure.problems),
                     failure.model_dump_json(),
+                    failure.origin,
                 ),
             )
             inserted = cur.rowcount == 1
@@ -216,6 +286,9 @@ class SqliteStore(Store):
         if query.problem is not None:
             conditions.append("any_problem_contains(problems, ?)")
             params.append(query.problem)
+        if query.origin is not None:
+            conditions.append("origin = ?")
+            params.append(query.origin)
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         db = await self._conn()
         rows = await db.execute_fetchall(
