@@ -25,14 +25,48 @@ upward: it was selected for looking good.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import pairwise
+from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
-from scipy import optimize, stats
+from numpy.typing import NDArray
+
+# The standard normal's functions, from the standard library: scipy.stats would add about 70 MB
+# to the gatekeeper's resident memory for these four lines.
+_NORMAL = NormalDist()
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
+def _sf(z: float) -> float:
+    """P(Z >= z)."""
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def _isf(p: float) -> float:
+    """The z with P(Z >= z) = p."""
+    return -_NORMAL.inv_cdf(p)
+
+
+def _sf_array(z: NDArray[np.float64]) -> NDArray[np.float64]:
+    return 0.5 * np.asarray(_erfc(z / math.sqrt(2.0)), dtype=np.float64)
+
+
+def _bisect(f: Callable[[float], float], low: float, high: float, tol: float) -> float:
+    """The root of an increasing-or-decreasing ``f`` between ``low`` and ``high`` (signs differ)."""
+    f_low = f(low)
+    while high - low > tol:
+        middle = (low + high) / 2
+        f_middle = f(middle)
+        if (f_middle > 0) == (f_low > 0):
+            low, f_low = middle, f_middle
+        else:
+            high = middle
+    return (low + high) / 2
+
 
 Verdict = Literal["continue", "superior", "non_inferior", "futile", "not_shown"]
 MIN_LOOK_CASES = 10  # fewer cases between looks tell too little to be worth a stop
@@ -46,9 +80,9 @@ def obf_bounds(fractions: tuple[float, ...], alpha: float) -> tuple[float, ...]:
         return _crossing_probability(tuple(c / math.sqrt(t) for t in fractions), fractions) - alpha
 
     # the one-look boundary is a lower end for C and Bonferroni's alpha / K an upper one
-    low = float(stats.norm.isf(alpha)) - 0.01
-    high = float(stats.norm.isf(alpha / len(fractions))) + 0.01
-    c = optimize.brentq(excess, low, high, xtol=1e-7)
+    low = _isf(alpha) - 0.01
+    high = _isf(alpha / len(fractions)) + 0.01
+    c = _bisect(excess, low, high, tol=1e-7)
     return tuple(round(c / math.sqrt(t), 6) for t in fractions)
 
 
@@ -64,13 +98,14 @@ def _crossing_probability(bounds: tuple[float, ...], fractions: tuple[float, ...
         upper = bound * math.sqrt(t)  # the boundary on the B-value scale, B(t) = Z sqrt(t)
         spread = math.sqrt(t - previous_t)
         if previous_t == 0.0:
-            crossed += float(stats.norm.sf(upper / spread))
+            crossed += _sf(upper / spread)
         else:
             weights = density * step
-            crossed += float(np.sum(weights * stats.norm.sf((upper - grid) / spread)))
+            crossed += float(np.sum(weights * _sf_array((upper - grid) / spread)))
         new_grid = np.arange(-8.0, upper, step)
         if previous_t == 0.0:
-            density = stats.norm.pdf(new_grid / spread) / spread
+            z = new_grid / spread
+            density = np.exp(-0.5 * z * z) / (spread * math.sqrt(2 * math.pi))
         else:
             gap = (new_grid[:, None] - grid[None, :]) / spread
             kernel = np.exp(-0.5 * gap * gap) / (spread * math.sqrt(2 * math.pi))
@@ -228,7 +263,7 @@ def _conditional_power(diffs: Sequence[int], design: Design, z: float, n: int) -
     drift = shift * math.sqrt(design.max_cases) / math.sqrt(second_moment)
     final = design.efficacy_bounds[-1]
     b_value = z * math.sqrt(t)
-    return float(stats.norm.sf((final - b_value - drift * (1 - t)) / math.sqrt(1 - t)))
+    return _sf((final - b_value - drift * (1 - t)) / math.sqrt(1 - t))
 
 
 def regression_shown(
@@ -238,7 +273,7 @@ def regression_shown(
     more than ``margin``, one-sided at ``alpha``? Used after applying, on fresh cases."""
     if not diffs:
         return False, 1.0
-    z_crit = float(stats.norm.isf(alpha))
+    z_crit = _isf(alpha)
     shown = z_statistic(diffs, repeats, margin) <= -z_crit
     _, upper = paired_interval(diffs, repeats, z_crit)
     return shown, upper
