@@ -31,3 +31,14 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "chromium is missing and this is not root with apt-get: the browser tests will be skipped" >&2
   fi
 fi
+# PostgreSQL from Debian's packages, for the HA gatekeeper's tests (tests/pg.py starts a server of
+# its own with initdb and pg_ctl, never the cluster the package may set up).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing postgresql for the gatekeeper failover tests" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } ||
+      echo "could not install postgresql: the gatekeeper failover tests will be skipped" >&2
+  else
+    echo "postgresql is missing and this is not root with apt-get: the gatekeeper failover tests will be skipped" >&2
+  fi
+fi

@@ -112,6 +112,13 @@ class Settings(BaseSettings):
     store_url: str = Field(
         default="", description='"sqlite:///path.db" or "mongodb://…"; empty = sqlite in home.'
     )
+    checkpoint_url: str = Field(
+        default="",
+        pattern=r"^$|^postgres(ql)?://",
+        description='The gatekeeper\'s change threads and run ledger: "" = SQLite files in its '
+        'home (one gatekeeper); "postgresql://…" = PostgreSQL, shared by several gatekeepers, '
+        "each change worked by one at a time under a lease in NATS KV.",
+    )
     rules_path: Path = Field(default_factory=lambda: config_dir() / "behavior_rules.json")
     suites_dir: Path = Field(default_factory=lambda: config_dir() / "suites")
 
@@ -156,6 +163,12 @@ class Settings(BaseSettings):
         description="Share of live runs without a check that the judge scores (chosen by run "
         "id); the others stay unscored. Gate runs are always scored.",
     )
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """Every server of ``nats_url``, which may list a cluster's nodes separated by commas:
+        each connection is given all of them, so it rides out the loss of any one."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
 
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{self.home / 'ratchet.db'}"

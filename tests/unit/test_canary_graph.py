@@ -169,7 +169,7 @@ async def assert_done_once(
     records = await h.store.audit(change_id)
     announced = {(e.id, e.seq) for e in events(h, ChangeRecorded, change_id)}
     assert announced == {(f"{change_id}.recorded.{r.seq}", r.seq) for r in records}
-    assert h.ledger.unfinished() == []
+    assert await h.ledger.unfinished() == []
 
 
 # --- the paths ---------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ async def test_only_each_scored_live_run_of_the_two_versions_counts_once(
             gate_score,  # a gate run nobody issued
         ],
     )
-    [tally] = h.ledger.unfinished()
+    [tally] = await h.ledger.unfinished()
     stats = tally.stats()
     assert (stats.stable_runs, stats.stable_score, stats.canary_runs, stats.canary_score) == (
         1, 1.0, 1, 0.5,
@@ -304,7 +304,7 @@ async def test_only_each_scored_live_run_of_the_two_versions_counts_once(
     path = tmp_path / "gatekeeper-runs.db"  # where open_ledger_and_store put it
     await h.ledger.close()
     h.ledger = await GateLedger.open(path)
-    [reopened] = h.ledger.unfinished()
+    [reopened] = await h.ledger.unfinished()
     assert reopened == tally
     assert await h.ledger.count_live(live(2, CANARY, 0.5)) == tally  # counted before the restart
 
@@ -437,7 +437,7 @@ async def test_a_restarted_gatekeeper_finishes_a_canary_decided_before_the_crash
     path = tmp_path / "gatekeeper-runs.db"  # where open_ledger_and_store put it
     await h.ledger.close()
     h.ledger = await GateLedger.open(path)
-    [tally] = h.ledger.unfinished()
+    [tally] = await h.ledger.unfinished()
     assert tally.decided is not None
     h.runner = restarted(h, h.ledger)
     await h.runner.finish_decided_canaries()
@@ -470,7 +470,7 @@ async def test_without_a_canary_share_nothing_changes(harness: Harness) -> None:
     await propose_and_approve(h, change)
     assert await h.kinds(change.change_id) == KEPT
     assert h.prompts.latest(TASK).record.canary is None
-    assert h.ledger.unfinished() == []
+    assert await h.ledger.unfinished() == []
     await feed(h, better_traffic(50))
     assert [w.kind for w in h.prompts.writes] == ["change"]
 

@@ -47,6 +47,7 @@ from ratchet_evaluator.checks import run_check
 from ratchet_gatekeeper.graph import ChangeState, Gate, build_gate_graph
 from ratchet_gatekeeper.ledger import GateLedger
 from ratchet_gatekeeper.runner import EarlyDecision, GateRunner
+from ratchet_gatekeeper.sql import SqliteDb
 
 TASK = "fake-task"
 PROPOSER = "client"  # who proposed, as the proposal's subject names it
@@ -273,7 +274,8 @@ class Harness:
 
 async def open_ledger_and_store(tmp_path: Path) -> tuple[GateLedger, Store]:
     ledger = await GateLedger.open(tmp_path / "gatekeeper-runs.db")
-    await ledger.db.execute("PRAGMA synchronous=OFF")  # a test needs no durability: no fsyncs
+    assert isinstance(ledger.db, SqliteDb)
+    await ledger.db.connection.execute("PRAGMA synchronous=OFF")  # a test needs no durability
     return ledger, open_store(f"sqlite:///{tmp_path / 'ratchet.db'}")
 
 

@@ -9,10 +9,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
+from typing import Any
 
 from faststream import FastStream, Path
 from faststream.nats import NatsResponse
 from faststream.specification import AsyncAPI
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from nats.js import JetStreamContext
 
@@ -34,6 +36,7 @@ from ratchet.contracts import (
     RunScored,
 )
 from ratchet.messaging import (
+    LEASE_BUCKET,
     QUERY_PREFIX,
     Unprocessable,
     connect,
@@ -64,8 +67,11 @@ from ratchet_gatekeeper.graph import (
     TrailTampered,
     build_gate_graph,
 )
+from ratchet_gatekeeper.lease import Leases
+from ratchet_gatekeeper.ledger import SCHEMA as LEDGER_SCHEMA
 from ratchet_gatekeeper.ledger import GateLedger
 from ratchet_gatekeeper.runner import GateRunner
+from ratchet_gatekeeper.sql import PostgresDb, postgres_pool, setup_checkpoints
 
 CHECKPOINTS_FILE = "gatekeeper-checkpoints.db"
 LEDGER_FILE = "gatekeeper-runs.db"
@@ -128,10 +134,9 @@ def build_app(
         async with AsyncExitStack() as resources:
             # the store; of its tables the gatekeeper uses (and owns) only the audit trail
             trail = await resources.enter_async_context(open_store(settings.resolved_store_url()))
-            ledger = await GateLedger.open(settings.home / LEDGER_FILE)
-            resources.push_async_callback(ledger.close)
-            prompt_store, newest_anchor = (
-                (prompts, None)
+            checkpointer, ledger = await _open_threads_and_ledger(settings, resources)
+            prompt_store, newest_anchor, leases = (
+                (prompts, None, None)
                 if prompts
                 else await _open_prompt_store_and_anchor(settings, suites, resources, signer.key)
             )
@@ -147,10 +152,7 @@ def build_app(
                 signer=signer,
                 newest_anchor=newest_anchor,
             )
-            checkpointer = await resources.enter_async_context(
-                AsyncSqliteSaver.from_conn_string(str(settings.home / CHECKPOINTS_FILE))
-            )
-            runner = GateRunner(build_gate_graph(gate, checkpointer), gate)
+            runner = GateRunner(build_gate_graph(gate, checkpointer), gate, leases)
             resources.callback(stop_background)
             yield
 
@@ -255,7 +257,7 @@ def build_app(
     @broker.subscriber(f"{QUERY_PREFIX}.changes", description="Every change and its latest status.")
     async def list_changes(query: ChangesQuery) -> NatsResponse:
         gate = started().gate
-        canaries = {t.change_id: t.stats() for t in gate.ledger.unfinished()}
+        canaries = {t.change_id: t.stats() for t in await gate.ledger.unfinished()}
         summaries = summarize(await gate.store.audit(), canaries=canaries)
         wanted = [s for s in summaries if query.task in (None, s.task)]
         return list_reply(wanted, noun="changes (the oldest)")
@@ -294,19 +296,39 @@ def _console_actor(reviewer: str) -> str:
         raise Unprocessable(str(exc)) from exc
 
 
+async def _open_threads_and_ledger(
+    settings: Settings, resources: AsyncExitStack
+) -> tuple[BaseCheckpointSaver[Any], GateLedger]:
+    """The change threads' checkpoints and the run ledger (closed with ``resources``): SQLite
+    files in the gatekeeper's home, or, with ``checkpoint_url``, PostgreSQL tables that every
+    gatekeeper of the deployment shares (a standby resumes a thread and finds its scores)."""
+    if not settings.checkpoint_url:
+        ledger = await GateLedger.open(settings.home / LEDGER_FILE)
+        resources.push_async_callback(ledger.close)
+        own = await resources.enter_async_context(
+            AsyncSqliteSaver.from_conn_string(str(settings.home / CHECKPOINTS_FILE))
+        )
+        return own, ledger
+    pool = await resources.enter_async_context(postgres_pool(settings.checkpoint_url))
+    shared = await setup_checkpoints(pool)
+    return shared, await GateLedger.on(await PostgresDb.open(pool, LEDGER_SCHEMA))
+
+
 async def _open_prompt_store_and_anchor(
     settings: Settings, suites: dict[str, Suite], resources: AsyncExitStack, key: AuditKey
-) -> tuple[KvPrompts, AnchorReader]:
+) -> tuple[KvPrompts, AnchorReader, Leases | None]:
     """The prompt store on the gatekeeper's own connection (closed with ``resources``), with each
-    suite's prompt seeded as its task's first version; and a reader of the audit trail's newest
-    anchor signed with ``key`` in the events stream, on the same connection."""
+    suite's prompt seeded as its task's first version; a reader of the audit trail's newest
+    anchor signed with ``key`` in the events stream, on the same connection; and, where several
+    gatekeepers share the checkpoints (``checkpoint_url``), the changes' leases."""
     connection = await connect(settings, name="gatekeeper-prompts")
     resources.push_async_callback(connection.close)
     js = connection.jetstream()
     writer = await PromptWriter.connect(js)
     for suite in suites.values():
         await writer.seed(suite.name, PromptRecord(text=suite.prompt, kind="initial"))
-    return KvPrompts(js, writer), partial(read_anchor, connection, key)
+    leases = Leases(await js.key_value(LEASE_BUCKET)) if settings.checkpoint_url else None
+    return KvPrompts(js, writer), partial(read_anchor, connection, key), leases
 
 
 async def finish_decided_canaries(runner: GateRunner) -> None:

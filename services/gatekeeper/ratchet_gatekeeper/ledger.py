@@ -9,8 +9,16 @@ While a change is in canary, each scored live run of its task that used one of i
 counts once (by run id) for that version's arm, and after each count the canary's test
 (:mod:`ratchet.canary`) is evaluated; the first verdict that is not "running" is stored and the
 counts stop there, so a redelivered score, or a crash before the change's thread took the verdict,
-finds the same verdict again. A restarted gatekeeper continues from the counts here. The file
-lives in the gatekeeper's home and no other service opens it.
+finds the same verdict again. A restarted gatekeeper continues from the counts here.
+
+The tables live in a SQLite file in the gatekeeper's home, or, with ``checkpoint_url`` set, in
+PostgreSQL beside the checkpoints (:mod:`ratchet_gatekeeper.sql`). There they are shared by every
+gatekeeper of the deployment, and must be: the gatekeepers share the durable consumer of
+``run.scored``, so a gate run's score reaches any of them, not only the one measuring, and a
+standby that takes a change over finds the scores that arrived before. A shared ledger is read
+again where another process may have written it: a measurement also looks for missing scores
+every ``POLL_S``, and a live score looks its task's canary up in the tables. No other service
+opens them.
 """
 
 from __future__ import annotations
@@ -21,12 +29,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Self
 
-import aiosqlite
 from pydantic import BaseModel, ConfigDict, Field
 
 from ratchet import canary
 from ratchet.contracts import CanaryStats, RunScored, utcnow
-from ratchet.store.sqlite import open_own_db
+from ratchet_gatekeeper.sql import LedgerDb, SqliteDb
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gate_runs (
@@ -46,9 +53,9 @@ CREATE TABLE IF NOT EXISTS canaries (
     task           TEXT NOT NULL,
     plan           TEXT NOT NULL,
     stable_runs    INTEGER NOT NULL DEFAULT 0,
-    stable_score   REAL NOT NULL DEFAULT 0,
+    stable_score   DOUBLE PRECISION NOT NULL DEFAULT 0,
     canary_runs    INTEGER NOT NULL DEFAULT 0,
-    canary_score   REAL NOT NULL DEFAULT 0,
+    canary_score   DOUBLE PRECISION NOT NULL DEFAULT 0,
     judge_tokens   INTEGER NOT NULL DEFAULT 0,
     decided        TEXT,
     finished       INTEGER NOT NULL DEFAULT 0,
@@ -61,6 +68,7 @@ CREATE TABLE IF NOT EXISTS canary_runs (
 """
 
 Arm = Literal["stable", "canary"]
+POLL_S = 0.5  # a shared ledger: how often a measurement looks for scores another process kept
 
 
 class CanaryPlan(BaseModel):
@@ -121,18 +129,22 @@ class GateRunsMissing(TimeoutError):
 
 
 class GateLedger:
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: LedgerDb) -> None:
         self.db = db
-        self.scored: dict[str, RunScored] = {}  # scores of runs a measurement still waits for
+        self.awaited: set[str] = set()  # run ids a measurement of this process waits for
+        self.scored: dict[str, RunScored] = {}  # the scores of those that arrived
         self.arrived = asyncio.Condition()
         self.canaries: dict[str, CanaryTally] = {}  # by task: canaries their threads have not taken
-        # one write transaction at a time on the shared connection, so no commit carries another
-        # writer's half-done count
-        self.writing = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Self:
-        ledger = cls(await open_own_db(path, SCHEMA))
+        """The ledger in its own SQLite file (one gatekeeper)."""
+        return await cls.on(await SqliteDb.open(path, SCHEMA))
+
+    @classmethod
+    async def on(cls, db: LedgerDb) -> Self:
+        """The ledger in ``db``, whose tables :data:`SCHEMA` created."""
+        ledger = cls(db)
         await ledger._load_canaries()
         return ledger
 
@@ -141,47 +153,63 @@ class GateLedger:
 
     async def issue(self, change_id: str, run_ids: Sequence[str]) -> list[str]:
         """Register runs about to be requested; returns those not scored yet (to request)."""
-        async with self.writing:
-            await self.db.executemany(
-                "INSERT OR IGNORE INTO gate_runs (run_id, change_id) VALUES (?, ?)",
+        async with self.db.transaction() as tx:
+            await tx.executemany(
+                "INSERT INTO gate_runs (run_id, change_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 [(run_id, change_id) for run_id in run_ids],
             )
-            await self.db.commit()
         done = await self._load(run_ids)
         return [run_id for run_id in run_ids if run_id not in done]
 
     async def record(self, score: RunScored) -> bool:
-        """Keep the first gate score of a run this gatekeeper issued; False if it does not count."""
+        """Keep the first gate score of a run a gatekeeper issued; False if it does not count."""
         if score.context.purpose != "gate":
             return False
-        async with self.writing:
-            cursor = await self.db.execute(
+        async with self.db.transaction() as tx:
+            changed = await tx.execute(
                 "UPDATE gate_runs SET scored = ? WHERE run_id = ? AND scored IS NULL",
                 (score.model_dump_json(), score.run_id),
             )
-            await self.db.commit()
-        if cursor.rowcount == 0:
+        if changed == 0:
             return False
         async with self.arrived:
-            self.scored[score.run_id] = score
-            self.arrived.notify_all()
+            if score.run_id in self.awaited:
+                self.scored[score.run_id] = score
+                self.arrived.notify_all()
         return True
 
     async def wait(self, run_ids: Sequence[str], timeout_s: float) -> dict[str, RunScored]:
-        """The scores of ``run_ids``, once every one has arrived."""
+        """The scores of ``run_ids``, once every one has arrived (in this process, or, in a
+        shared ledger, in another gatekeeper that took them from the shared consumer)."""
         wanted = set(run_ids)
-        self.scored.update(await self._load(run_ids))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        async with self.arrived:
+            self.awaited |= wanted
         try:
+            found = await self._load(run_ids)
             async with self.arrived:
-                await asyncio.wait_for(
-                    self.arrived.wait_for(lambda: wanted <= self.scored.keys()), timeout_s
-                )
-        except TimeoutError:
-            missing = len(wanted - self.scored.keys())
-            raise GateRunsMissing(
-                f"{missing} of {len(wanted)} gate runs not scored within {timeout_s:.0f} s"
-            ) from None
-        return {run_id: self.scored.pop(run_id) for run_id in run_ids}
+                self.scored.update(found)
+                while not wanted <= self.scored.keys():
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        missing = len(wanted - self.scored.keys())
+                        raise GateRunsMissing(
+                            f"{missing} of {len(wanted)} gate runs not scored within "
+                            f"{timeout_s:.0f} s"
+                        )
+                    try:
+                        pause = min(left, POLL_S) if self.db.shared else left
+                        await asyncio.wait_for(self.arrived.wait(), pause)
+                    except TimeoutError:
+                        if self.db.shared:
+                            self.scored.update(await self._load(wanted - self.scored.keys()))
+            return {run_id: self.scored[run_id] for run_id in run_ids}
+        finally:
+            async with self.arrived:
+                self.awaited -= wanted
+                for run_id in wanted:
+                    self.scored.pop(run_id, None)
 
     async def _load(self, run_ids: Iterable[str]) -> dict[str, RunScored]:
         ids = list(run_ids)
@@ -189,42 +217,39 @@ class GateLedger:
         for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            async with self.db.execute(
+            rows = await self.db.fetchall(
                 f"SELECT scored FROM gate_runs WHERE scored IS NOT NULL AND run_id IN ({marks})",
                 chunk,
-            ) as cursor:
-                async for (scored,) in cursor:
-                    score = RunScored.model_validate_json(scored)
-                    found[score.run_id] = score
+            )
+            for (scored,) in rows:
+                score = RunScored.model_validate_json(scored)
+                found[score.run_id] = score
         return found
 
     async def use_pool(self, change_id: str, task: str, pool_sha256: str) -> int:
         """Count this change as tested on the pool (once); returns the pool's count so far."""
-        async with self.writing:
-            await self.db.execute(
-                "INSERT OR IGNORE INTO pool_uses (change_id, task, pool_sha256, at) "
-                "VALUES (?, ?, ?, ?)",
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO pool_uses (change_id, task, pool_sha256, at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 (change_id, task, pool_sha256, utcnow().isoformat()),
             )
-            await self.db.commit()
-        async with self.db.execute(
+        rows = await self.db.fetchall(
             "SELECT COUNT(*) FROM pool_uses WHERE pool_sha256 = ?", (pool_sha256,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        )
+        return int(rows[0][0]) if rows else 0
 
     # --- canaries ---------------------------------------------------------------------------------
 
     async def start_canary(self, change_id: str, task: str, plan: CanaryPlan) -> CanaryTally:
         """Count live scores for this change's canary from now on (once: a restarted start
         keeps the counts so far)."""
-        async with self.writing:
-            await self.db.execute(
-                "INSERT OR IGNORE INTO canaries (change_id, task, plan, started_at) "
-                "VALUES (?, ?, ?, ?)",
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO canaries (change_id, task, plan, started_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 (change_id, task, plan.model_dump_json(), utcnow().isoformat()),
             )
-            await self.db.commit()
         tally = await self.canary(change_id)
         assert tally is not None
         if not tally.finished:
@@ -236,92 +261,115 @@ class GateLedger:
         canary's two versions and the test has not decided yet; then evaluate the test and keep
         its first verdict. Returns the task's canary (decided or not) unless its thread has
         taken the verdict; None when the task has none. Unscored runs are not counted."""
-        tally = self.canaries.get(score.task)
-        if tally is None or score.context.purpose != "live":
+        if score.context.purpose != "live":
+            return None
+        tally = await self._canary_of(score.task)
+        if tally is None:
             return None
         arm = tally.arm(score.prompt_version)
         if tally.decided is not None or score.score is None or arm is None:
             return tally
         tokens = score.judge_usage.input_tokens + score.judge_usage.output_tokens
-        async with self.writing:
-            tally = self.canaries[score.task]
-            if tally.decided is not None:
-                return tally
-            try:
-                cursor = await self.db.execute(
-                    "INSERT OR IGNORE INTO canary_runs (run_id, change_id) VALUES (?, ?)",
-                    (score.run_id, tally.change_id),
-                )
-                if cursor.rowcount == 0:  # counted before: a redelivery
-                    return tally
-                if arm == "canary":
-                    counted = replace(
-                        tally,
-                        canary_runs=tally.canary_runs + 1,
-                        canary_score=tally.canary_score + score.score,
-                    )
-                else:
-                    counted = replace(
-                        tally,
-                        stable_runs=tally.stable_runs + 1,
-                        stable_score=tally.stable_score + score.score,
-                    )
-                counted = replace(counted, judge_tokens=tally.judge_tokens + tokens)
-                stats = counted.stats()
-                if stats.verdict != "running":
-                    counted = replace(counted, decided=stats)
-                await self.db.execute(
-                    "UPDATE canaries SET stable_runs = ?, stable_score = ?, canary_runs = ?, "
-                    "canary_score = ?, judge_tokens = ?, decided = ? WHERE change_id = ?",
-                    (
-                        counted.stable_runs,
-                        counted.stable_score,
-                        counted.canary_runs,
-                        counted.canary_score,
-                        counted.judge_tokens,
-                        counted.decided.model_dump_json() if counted.decided else None,
-                        counted.change_id,
-                    ),
-                )
-                await self.db.commit()
-            except BaseException:
-                await self.db.rollback()
-                raise
-            self.canaries[score.task] = counted
-            return counted
+        async with self.db.transaction() as tx:
+            # the row, locked: a shared ledger's other writers count after this one
+            rows = await tx.fetchall(
+                f"SELECT {_TALLY_COLUMNS} FROM canaries WHERE change_id = ?{self.db.lock_rows}",
+                (tally.change_id,),
+            )
+            tally = _tally(rows[0])
+            if tally.decided is not None or tally.finished:
+                return self._cached(tally)
+            counted_before = not await tx.execute(
+                "INSERT INTO canary_runs (run_id, change_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (score.run_id, tally.change_id),
+            )
+            if counted_before:  # a redelivery
+                return self._cached(tally)
+            counted = _count(tally, arm, score.score, tokens)
+            await tx.execute(
+                "UPDATE canaries SET stable_runs = ?, stable_score = ?, canary_runs = ?, "
+                "canary_score = ?, judge_tokens = ?, decided = ? WHERE change_id = ?",
+                (
+                    counted.stable_runs,
+                    counted.stable_score,
+                    counted.canary_runs,
+                    counted.canary_score,
+                    counted.judge_tokens,
+                    counted.decided.model_dump_json() if counted.decided else None,
+                    counted.change_id,
+                ),
+            )
+        return self._cached(counted)
+
+    def _cached(self, tally: CanaryTally) -> CanaryTally | None:
+        """Keep the newest counts of an unfinished canary in memory; None once finished."""
+        if tally.finished:
+            self.canaries.pop(tally.task, None)
+            return None
+        self.canaries[tally.task] = tally
+        return tally
+
+    async def _canary_of(self, task: str) -> CanaryTally | None:
+        """The task's unfinished canary: from memory, or, in a shared ledger, where another
+        gatekeeper may have started or finished it, from the tables."""
+        if not self.db.shared:
+            return self.canaries.get(task)
+        rows = await self.db.fetchall(
+            f"SELECT {_TALLY_COLUMNS} FROM canaries WHERE task = ? AND finished = 0 "
+            "ORDER BY started_at DESC LIMIT 1",
+            (task,),
+        )
+        if not rows:
+            self.canaries.pop(task, None)
+            return None
+        return self._cached(_tally(rows[0]))
 
     async def finish_canary(self, change_id: str) -> None:
         """The change's thread took the verdict: the canary is over, and the run ids it counted
         (needed only to count each run once while it ran) are dropped."""
-        async with self.writing:
-            await self.db.execute(
-                "UPDATE canaries SET finished = 1 WHERE change_id = ?", (change_id,)
-            )
-            await self.db.execute("DELETE FROM canary_runs WHERE change_id = ?", (change_id,))
-            await self.db.commit()
+        async with self.db.transaction() as tx:
+            await tx.execute("UPDATE canaries SET finished = 1 WHERE change_id = ?", (change_id,))
+            await tx.execute("DELETE FROM canary_runs WHERE change_id = ?", (change_id,))
         for task, tally in list(self.canaries.items()):
             if tally.change_id == change_id:
                 del self.canaries[task]
 
     async def canary(self, change_id: str) -> CanaryTally | None:
         """A change's canary as stored, finished or not; None if it never started one."""
-        async with self.db.execute(
+        rows = await self.db.fetchall(
             f"SELECT {_TALLY_COLUMNS} FROM canaries WHERE change_id = ?", (change_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return _tally(row) if row else None
+        )
+        return _tally(rows[0]) if rows else None
 
-    def unfinished(self) -> list[CanaryTally]:
+    async def unfinished(self) -> list[CanaryTally]:
         """Canaries whose threads have not taken a verdict: running, or decided and waiting."""
+        if self.db.shared:
+            self.canaries.clear()
+            await self._load_canaries()
         return list(self.canaries.values())
 
     async def _load_canaries(self) -> None:
-        async with self.db.execute(
+        rows = await self.db.fetchall(
             f"SELECT {_TALLY_COLUMNS} FROM canaries WHERE finished = 0 ORDER BY started_at"
-        ) as cursor:
-            async for row in cursor:
-                tally = _tally(row)
-                self.canaries[tally.task] = tally
+        )
+        for row in rows:
+            tally = _tally(row)
+            self.canaries[tally.task] = tally
+
+
+def _count(tally: CanaryTally, arm: Arm, score: float, tokens: int) -> CanaryTally:
+    """The tally with one more run of ``arm``, and its verdict if the test now reaches one."""
+    if arm == "canary":
+        counted = replace(
+            tally, canary_runs=tally.canary_runs + 1, canary_score=tally.canary_score + score
+        )
+    else:
+        counted = replace(
+            tally, stable_runs=tally.stable_runs + 1, stable_score=tally.stable_score + score
+        )
+    counted = replace(counted, judge_tokens=tally.judge_tokens + tokens)
+    stats = counted.stats()
+    return replace(counted, decided=stats) if stats.verdict != "running" else counted
 
 
 _TALLY_COLUMNS = (

@@ -1,11 +1,18 @@
 """Drives change threads: start on a proposal, resume on a decision or a canary's verdict, finish
-what a crash left."""
+what a crash left.
+
+Each thread is worked by one coroutine of one gatekeeper at a time: a lock per change within the
+process and, when several gatekeepers share the checkpoints, the change's lease in NATS KV
+(:mod:`ratchet_gatekeeper.lease`) across them. A gatekeeper that cannot take the lease raises
+:class:`LeaseBusy`, and the message is nacked and comes back later, to it or another."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
@@ -15,6 +22,7 @@ from langgraph.types import Command
 from ratchet.contracts import ChangeDecision, ChangeProposed, RunScored
 from ratchet.natsconf import POLICY_APPROVER
 from ratchet_gatekeeper.graph import Gate
+from ratchet_gatekeeper.lease import LeaseBusy, Leases
 
 log = logging.getLogger("ratchet.gatekeeper")
 # where a thread waits for something outside it: a decision, a canary's verdict
@@ -32,10 +40,28 @@ class GateRunner:
     """One change thread runs at a time: a decision waits for the proposal's run to reach the
     gate, so a fast approver answering ``change.awaiting_approval`` cannot race the checkpoint."""
 
-    def __init__(self, graph: CompiledStateGraph[Any, Any, Any, Any], gate: Gate) -> None:
+    def __init__(
+        self,
+        graph: CompiledStateGraph[Any, Any, Any, Any],
+        gate: Gate,
+        leases: Leases | None = None,
+    ) -> None:
+        """``leases``: the changes' leases, where several gatekeepers share the checkpoints;
+        None for a gatekeeper alone (its lock per change is enough)."""
         self.graph = graph
         self.gate = gate
+        self.leases = leases
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    @asynccontextmanager
+    async def working(self, change_id: str) -> AsyncIterator[None]:
+        """The change's thread is this coroutine's alone within the block."""
+        async with self.locks[change_id]:
+            if self.leases is None:
+                yield
+            else:
+                async with self.leases.hold(change_id):
+                    yield
 
     @staticmethod
     def config(change_id: str) -> RunnableConfig:
@@ -51,12 +77,18 @@ class GateRunner:
         crash interrupted, and is ignored once the thread waits for its decision or is done. A
         proposal reusing an existing change's id, whoever sends it, changes nothing of that
         change: it stays its first proposer's."""
-        async with self.locks[change.change_id]:
+        values, pending = await self.status(change.change_id)
+        if values and (not pending or pending in WAITING):
+            return  # a repeat: nothing to do, no lease to take
+        async with self.working(change.change_id):
             values, pending = await self.status(change.change_id)
             if not values:
                 start = {"change": change.model_dump(mode="json"), "proposer": proposer}
                 await self.graph.ainvoke(start, self.config(change.change_id))
             elif pending and pending not in WAITING:
+                log.warning(
+                    "resuming change %s at %s: its work was cut off", change.change_id, pending
+                )
                 await self.graph.ainvoke(None, self.config(change.change_id))
 
     async def on_decision(self, decision: ChangeDecision, *, approved: bool, approver: str) -> bool:
@@ -80,7 +112,7 @@ class GateRunner:
             # host that runs `ratchet up`
             why = "a change with a non-inferiority margin needs a person, not the policy approver"
             return await self._refuse(decision, approver, why)
-        async with self.locks[decision.change_id]:
+        async with self.working(decision.change_id):
             return await self._decide(decision, approved=approved, approver=approver)
 
     async def _refuse(self, decision: ChangeDecision, approver: str, why: str) -> bool:
@@ -106,6 +138,9 @@ class GateRunner:
             await self.graph.ainvoke(Command(resume=resume), self.config(decision.change_id))
             return True
         if pending and set(pending) <= AFTER_DECISION:  # decided, then a crash
+            log.warning(
+                "resuming change %s at %s: its work was cut off", decision.change_id, pending
+            )
             await self.graph.ainvoke(None, self.config(decision.change_id))
             return True
         if pending == ("canary_verdict",):  # decided: the change is in canary now
@@ -132,10 +167,14 @@ class GateRunner:
         it; True once its thread has taken it. A thread that has not reached the wait yet (a
         crash stopped it before) takes the verdict from the ledger when its redelivered
         decision brings it there."""
-        async with self.locks[change_id]:
-            tally = await self.gate.ledger.canary(change_id)
-            if tally is None or tally.decided is None:
-                return False
+        tally = await self.gate.ledger.canary(change_id)
+        if tally is None or tally.decided is None:
+            return False
+        if tally.finished:
+            return True
+        async with self.working(change_id):
+            tally = await self.gate.ledger.canary(change_id)  # again: another may have taken it
+            assert tally is not None and tally.decided is not None
             if tally.finished:
                 return True
             _, pending = await self.status(change_id)
@@ -149,6 +188,9 @@ class GateRunner:
     async def finish_decided_canaries(self) -> None:
         """At start: every canary decided before a crash, whose thread did not take the
         verdict, takes it now (without waiting for another live score)."""
-        for tally in self.gate.ledger.unfinished():
+        for tally in await self.gate.ledger.unfinished():
             if tally.decided is not None:
-                await self.finish_canary(tally.change_id)
+                try:
+                    await self.finish_canary(tally.change_id)
+                except LeaseBusy:  # another gatekeeper finishes it
+                    log.info("canary of %s is being finished elsewhere", tally.change_id)

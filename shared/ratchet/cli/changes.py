@@ -271,6 +271,25 @@ def print_verdict(report: TrailReport, count: int) -> int:
     return 0
 
 
+def cmd_audit_key(args: argparse.Namespace) -> int:
+    """Make (or show) the signing key every gatekeeper of a deployment must share."""
+    from ratchet.audit import PUBLIC_KEY_FILE, SIGNING_KEY_FILE, AuditSigner
+
+    path = args.folder / SIGNING_KEY_FILE
+    existed = path.exists()
+    try:
+        signer = AuditSigner.load_or_create(path)
+    except (OSError, ValueError) as exc:
+        raise ClientError(f"cannot make the audit key in {args.folder}: {exc}") from exc
+    console.print(
+        Text(
+            f"{'kept the existing' if existed else 'made a new'} key {path} (0600) and its public "
+            f"half {path.with_name(PUBLIC_KEY_FILE)}: {signer.key.text}"
+        )
+    )
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     propose = sub.add_parser(
         "propose", help="ask the proposer for a change to a task prompt now, or propose your own"
@@ -325,3 +344,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "sends",
     )
     audit.set_defaults(handler=cmd_audit, is_async=True)
+
+    key = sub.add_parser(
+        "audit-key",
+        help="make the gatekeepers' audit signing key in a folder (for several gatekeepers: "
+        "copy it into each one's home, or into a Kubernetes secret)",
+    )
+    key.add_argument("folder", type=Path)
+    key.set_defaults(handler=cmd_audit_key, is_async=False)
