@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from nats.aio.msg import Msg
+from pg import LocalPostgres, postgres_bin, running_postgres
 
 from ratchet.cli.client import ClientError, fetch_trail
 from ratchet.cli.up import Stack
@@ -28,6 +29,22 @@ def nats_server(tmp_path: Path) -> Iterator[LocalNats]:
     server = start_nats(tmp_path / "home", free_port(), log_path=tmp_path / "nats.log")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[LocalPostgres]:
+    """A real PostgreSQL of the tests' own (tests/pg.py), one per session; skipped only when
+    PostgreSQL is not installed (scripts/install.sh installs it)."""
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (scripts/install.sh installs it)")
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres(postgres_server: LocalPostgres) -> str:
+    """The URL of a fresh, empty database on the tests' PostgreSQL."""
+    return postgres_server.new_database()
 
 
 @pytest.fixture

@@ -31,9 +31,11 @@ from ratchet.contracts import DeadLetter, Event
 from ratchet.jetstream import EVENTS_STREAM as EVENTS_STREAM
 from ratchet.jetstream import INBOX_ROOT as INBOX_ROOT
 from ratchet.jetstream import PROMPTS_BUCKET as PROMPTS_BUCKET
+from ratchet.jetstream import PUBLISH_RETRY_S as PUBLISH_RETRY_S
 from ratchet.jetstream import dedup_headers as dedup_headers
 from ratchet.jetstream import inbox_prefix as inbox_prefix
 from ratchet.jetstream import publish_js as publish_js
+from ratchet.jetstream import until_answered
 from ratchet.settings import Settings
 
 log = logging.getLogger("ratchet.messaging")
@@ -54,6 +56,12 @@ DLQ_MAX_BYTES = 1024**3
 # permission, so their number is capped instead.
 PROMPTS_MAX_CONSUMERS = 256
 QUERY_PREFIX = "query"  # request/reply subjects, outside every stream
+# The gatekeepers' leases (KV): one gatekeeper works a change at a time; a lease not renewed
+# for LEASE_TTL_S (its holder died) expires on the server. Shorter than ack_wait_s (30 s), so a
+# message redelivered after its gatekeeper died finds the lease free.
+LEASE_BUCKET = "gate_leases"
+LEASE_TTL_S = 10.0
+MAX_REPLICAS = 3  # copies of each stream and of the prompt bucket on a cluster of 3 or more
 
 
 # Services bind to the stream; they never create or change it.
@@ -63,8 +71,11 @@ events_stream = JStream(name=EVENTS_STREAM, declare=False)
 BACKOFF_S = (0.2, 1.0, 3.0, 10.0, 30.0)
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
+async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
     """Create (or update) the streams and the prompt bucket. Idempotent; needs admin rights.
+
+    ``replicas``: copies of each, on as many servers of a cluster (at most :data:`MAX_REPLICAS`;
+    1 on a single server). An existing stream or bucket is brought to that number.
 
     The events stream holds the audit trail's anchors (``change.recorded``), so no message may
     be deleted from it nor the stream purged: once set, the server refuses to lift either, even
@@ -83,6 +94,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
             deny_delete=True,
             deny_purge=True,
             allow_direct=True,
+            num_replicas=replicas,
         ),
         StreamConfig(
             name=DLQ_STREAM,
@@ -91,6 +103,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
             duplicate_window=DUPLICATE_WINDOW_S,
             max_age=EVENTS_MAX_AGE_S,
             max_bytes=DLQ_MAX_BYTES,
+            num_replicas=replicas,
         ),
     ):
         try:
@@ -101,11 +114,42 @@ async def ensure_streams(js: JetStreamContext) -> None:
         await js.key_value(PROMPTS_BUCKET)
     except BucketNotFoundError:
         await js.create_key_value(
-            KeyValueConfig(bucket=PROMPTS_BUCKET, history=PROMPT_HISTORY, storage=StorageType.FILE)
+            KeyValueConfig(
+                bucket=PROMPTS_BUCKET,
+                history=PROMPT_HISTORY,
+                storage=StorageType.FILE,
+                replicas=replicas,
+            )
         )
     bucket = (await js.stream_info(f"KV_{PROMPTS_BUCKET}")).config
-    if bucket.max_consumers != PROMPTS_MAX_CONSUMERS:
+    if (bucket.max_consumers, bucket.num_replicas) != (PROMPTS_MAX_CONSUMERS, replicas):
         bucket.max_consumers = PROMPTS_MAX_CONSUMERS
+        bucket.num_replicas = replicas
+        await js.update_stream(bucket)
+    await _ensure_lease_bucket(js, replicas)
+
+
+async def _ensure_lease_bucket(js: JetStreamContext, replicas: int) -> None:
+    """The gatekeepers' leases, one key per change being worked (the gatekeeper's ``lease``
+    module). Every entry ages out ``LEASE_TTL_S`` after its last write, so a lease its holder
+    stops renewing (it died) is gone without anyone's clock; history 1, a renewal replaces it."""
+    try:
+        await js.key_value(LEASE_BUCKET)
+    except BucketNotFoundError:
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=LEASE_BUCKET,
+                history=1,
+                ttl=LEASE_TTL_S,
+                direct=True,
+                storage=StorageType.FILE,
+                replicas=replicas,
+            )
+        )
+    bucket = (await js.stream_info(f"KV_{LEASE_BUCKET}")).config
+    if (bucket.max_age, bucket.num_replicas) != (LEASE_TTL_S, replicas):
+        bucket.max_age = LEASE_TTL_S
+        bucket.num_replicas = replicas
         await js.update_stream(bucket)
 
 
@@ -116,14 +160,16 @@ async def connect(
     reconnect: bool = True,
     on_error: Callable[[Exception], Awaitable[None]] | None = None,
 ) -> Client:
-    """A plain nats-py connection as this process's NATS user (CLI, prompt store, admin).
+    """A plain nats-py connection as this process's NATS user (CLI, prompt store, admin), given
+    every server of ``settings.nats_url``: it connects to one and moves to another if that one
+    goes.
 
     A one-shot client (the CLI) passes ``reconnect=False``: an unreachable server then fails
     within a few seconds instead of being retried (nats-py retries the first connect regardless).
     ``on_error`` hears the errors the server reports (say a refused publish) instead of the log.
     """
     attempt = nats.connect(
-        settings.nats_url,
+        settings.nats_servers,
         name=name,
         user=settings.nats_user,
         password=settings.nats_password,
@@ -146,9 +192,10 @@ async def _ignore_error(exc: Exception) -> None:
 
 
 def make_broker(settings: Settings, *, name: str) -> NatsBroker:
-    """A broker for one service, authenticated as that service's NATS user."""
+    """A broker for one service, authenticated as that service's NATS user, given every server
+    of ``settings.nats_url`` (a cluster's nodes), like :func:`connect`."""
     broker = NatsBroker(
-        settings.nats_url,
+        settings.nats_servers,
         name=name,
         security=(
             NatsUserPassword(settings.nats_user, settings.nats_password or "")
@@ -220,8 +267,19 @@ def event_publisher(
 
 
 async def publish(publisher: LogicPublisher, event: Event) -> None:
-    """Publish to JetStream and wait for the ack; ``Nats-Msg-Id`` makes a retry harmless."""
-    await publisher.publish(event, headers=dedup_headers(event), stream=EVENTS_STREAM, timeout=10.0)
+    """Publish to JetStream and wait for the ack; ``Nats-Msg-Id`` makes a retry harmless.
+
+    A stream that does not answer (on a cluster, while it elects a new leader after losing a
+    node, which takes a few seconds) is asked again, with the same id, for up to
+    :data:`PUBLISH_RETRY_S`: a handler rides out the election instead of spending deliveries.
+    """
+    await until_answered(
+        lambda: publisher.publish(
+            event, headers=dedup_headers(event), stream=EVENTS_STREAM, timeout=5.0
+        ),
+        what=event.subject,
+        within=PUBLISH_RETRY_S,
+    )
 
 
 def dead_letter_subject(subject: str) -> str:

@@ -67,6 +67,7 @@ from ratchet.jetstream import app_user
 from ratchet.messaging import (
     DLQ_PREFIX,
     EVENTS_STREAM,
+    LEASE_BUCKET,
     PROMPTS_BUCKET,
     QUERY_PREFIX,
     dead_letter_subject,
@@ -110,6 +111,14 @@ READ_AUDIT_ANCHOR = f"{JS_API}.DIRECT.GET.{EVENTS_STREAM}.{ChangeRecorded.subjec
 # Any message of the events stream by sequence: the gatekeeper walks back past change.recorded
 # messages that are not valid anchors to the newest that is (ratchet.audit.read_anchor).
 READ_EVENTS_BY_SEQ = f"{JS_API}.DIRECT.GET.{EVENTS_STREAM}"
+# The gatekeepers' leases (KV gate_leases): take, renew and release (writes), and read one back
+# (nats-py's create reads a key to tell a released lease from a held one)
+LEASE_STREAM = f"KV_{LEASE_BUCKET}"
+USE_LEASES = (
+    f"$KV.{LEASE_BUCKET}.>",
+    f"{JS_API}.DIRECT.GET.{LEASE_STREAM}.>",
+    f"{JS_API}.STREAM.MSG.GET.{LEASE_STREAM}",
+)
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,7 @@ ROLES: dict[str, Role] = {
             f"$KV.{PROMPTS_BUCKET}.>",
             READ_AUDIT_ANCHOR,
             READ_EVENTS_BY_SEQ,
+            *USE_LEASES,
         ),
         # the audit trail's owner answers every question about it
         subscribe=AUDIT_QUERIES,
@@ -378,6 +388,32 @@ def render_config(
         "authorization": {"users": accounts},
     }
     return json.dumps(config, indent=2)
+
+
+CLUSTER_NAME = "ratchet"
+ROUTE_USER = "route"  # how the nodes of a cluster authenticate to each other
+SERVER_NAME_FROM_ENV = "$SERVER_NAME"  # a deployment's node takes its name from the environment
+
+
+def cluster_block(*, listen: str, routes: Iterable[str], secret: str) -> dict[str, object]:
+    """The ``cluster`` section of a node's config: it listens for routes on ``listen`` and routes
+    to every ``host:port`` of ``routes`` (a node recognises and skips a route to itself), each
+    authenticated with ``secret``, which only the node configs hold."""
+    return {
+        "name": CLUSTER_NAME,
+        "listen": listen,
+        "authorization": {"user": ROUTE_USER, "password": secret},
+        "routes": [f"nats-route://{ROUTE_USER}:{secret}@{route}" for route in routes],
+    }
+
+
+def render_node_config(text: str, *, cluster: dict[str, object]) -> str:
+    """A deployment's one config for every node of a cluster (``render_config``'s ``text`` with
+    ``cluster``): each node's ``server_name`` comes from its ``SERVER_NAME`` variable (a pod's
+    name), which nats-server reads only from an unquoted reference."""
+    config = {**json.loads(text), "server_name": SERVER_NAME_FROM_ENV, "cluster": cluster}
+    rendered = json.dumps(config, indent=2)
+    return rendered.replace(f'"{SERVER_NAME_FROM_ENV}"', SERVER_NAME_FROM_ENV)
 
 
 def write_secret(path: Path, text: str) -> None:

@@ -31,11 +31,12 @@ from ratchet.contracts import (
     RunReported,
     RunScored,
 )
-from ratchet.messaging import EVENTS_STREAM, PROMPTS_BUCKET, connect
+from ratchet.messaging import EVENTS_STREAM, LEASE_BUCKET, PROMPTS_BUCKET, connect
 from ratchet.natsconf import (
     CONSOLE,
     EVERY_QUERY,
     KV_STREAM,
+    LEASE_STREAM,
     POLICY_APPROVER,
     Role,
     approver_user,
@@ -206,6 +207,9 @@ def _matrix(table: dict[str, Role]) -> list[Act]:
     def nobody(_user: str, _role: Role) -> bool:
         return False
 
+    def gatekeeper(user: str, _role: Role) -> bool:
+        return user == "gatekeeper"
+
     acts = []
     for subject in [*events, *EVERY_QUERY, f"$KV.{PROMPTS_BUCKET}.answer-only"]:
         acts += [
@@ -242,6 +246,10 @@ def _matrix(table: dict[str, Role]) -> list[Act]:
         Act("publish", f"$JS.API.STREAM.PURGE.{EVENTS_STREAM}", nobody),
         Act("publish", f"$JS.API.DIRECT.GET.{EVENTS_STREAM}.run.scored", nobody),
         Act("subscription", "_INBOX.anything", nobody),
+        # the gatekeepers' leases: taken, renewed, released and read back by gatekeepers only
+        Act("publish", f"$KV.{LEASE_BUCKET}.c0", gatekeeper),
+        Act("publish", f"$JS.API.DIRECT.GET.{LEASE_STREAM}.$KV.{LEASE_BUCKET}.c0", gatekeeper),
+        Act("subscription", f"$KV.{LEASE_BUCKET}.c0", nobody),
     ]
     for user in table:
         inbox = f"_INBOX_{user}.reply"

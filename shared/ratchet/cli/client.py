@@ -6,7 +6,6 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
 import nats
 from nats.aio.client import Client
@@ -24,7 +23,7 @@ from ratchet.contracts import (
     RunRequested,
     RunScored,
 )
-from ratchet.messaging import QUERY_PREFIX, connect, publish_js
+from ratchet.messaging import PUBLISH_RETRY_S, QUERY_PREFIX, connect, publish_js
 from ratchet.natsconf import POLICY_APPROVER, approver_name, approver_user
 from ratchet.queries import TRIMMED_HEADER, AuditPage, AuditQuery, ChangeQuery
 from ratchet.settings import Settings, get_settings
@@ -93,13 +92,21 @@ async def open_client(settings: Settings, *, on_error: ErrorCallback | None = No
     # Ratchet's server always asks for a password: one that does not is someone else's (say a
     # nats-server started by hand on the same port), where requests would wait for nobody.
     if settings.nats_user and not nc._server_info.get("auth_required", False):
+        answered = nc.connected_url
         await nc.close()
-        port = urlparse(settings.nats_url).port or 4222
+        where = f"{answered.hostname}:{answered.port or 4222}" if answered else settings.nats_url
         raise ClientError(
-            f"the NATS server at {settings.nats_url} is not Ratchet's (it asks for no password):"
-            f" another server is using port {port}"
+            f"the NATS server at {where} is not Ratchet's (it asks for no password): another "
+            f"server is using port {where.rpartition(':')[2]}"
         )
     return nc
+
+
+def retry_s(nc: Client) -> float:
+    """How long a publish asks again a stream that does not answer: on a cluster (its servers
+    name it), a stream whose leader's node was lost answers again under a new leader within
+    seconds; a single server that does not answer has no such stream, which is said at once."""
+    return PUBLISH_RETRY_S if nc._server_info.get("cluster") else 0.0
 
 
 def _is_authorization_error(exc: BaseException) -> bool:
@@ -177,7 +184,7 @@ async def submit_and_wait(
 
     subs = [await nc.subscribe(s, cb=on_message) for s in EXPECTED]
     try:
-        ack = publish_js(nc.jetstream(), request_, timeout=5)
+        ack = publish_js(nc.jetstream(), request_, timeout=5, retry_s=retry_s(nc))
         try:
             await ack
         except NoStreamResponseError as exc:
@@ -276,7 +283,7 @@ async def publish_as(
 
     async def act(nc: Client) -> E:
         event = await make(nc)
-        await publish_js(nc.jetstream(), event, subject=subject, timeout=5)
+        await publish_js(nc.jetstream(), event, subject=subject, timeout=5, retry_s=retry_s(nc))
         return event
 
     nc = await open_client(settings, on_error=on_error)

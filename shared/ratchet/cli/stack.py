@@ -46,16 +46,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         try:  # a failure or a stop signal during start-up: start_stack stops what had started
             try:
                 stack = start_stack(
-                    settings, evaluators=args.evaluators, executors=args.executors, on_ready=ready
+                    settings,
+                    evaluators=args.evaluators,
+                    executors=args.executors,
+                    cluster=args.cluster,
+                    on_ready=ready,
                 )
             except StartFailed as exc:
                 failed = exc.failed
             else:
                 signals.check()
+                assert stack.nats is not None
                 console.print(
-                    f"All up. NATS at {settings.nats_url}. Logs in {settings.home}/logs. "
-                    "Ctrl-C stops."
+                    f"All up. NATS at {stack.nats.url}. Logs in {settings.home}/logs. Ctrl-C stops."
                 )
+                if stack.nats.url != settings.nats_url:  # clients elsewhere need every node
+                    console.print(f"  set RATCHET_NATS_URL={stack.nats.url} for other clients")
                 failed = stack.supervise(report=_say, policy=policy, check_stop=signals.check)
             console.print(Text.assemble((failed.reason, "red"), "; the end of its log:"))
             console.print(block(failed.log_tail))
@@ -103,7 +109,16 @@ def cmd_approver(args: argparse.Namespace) -> int:
 def cmd_natsconf(args: argparse.Namespace) -> int:
     """Write a nats-server config with fresh per-user passwords (only their bcrypt hashes are in
     it), and an env file with the passwords; both readable by their owner only."""
-    from ratchet.natsconf import generate_passwords, render_config, users, write_secret
+    import secrets
+
+    from ratchet.natsconf import (
+        cluster_block,
+        generate_passwords,
+        render_config,
+        render_node_config,
+        users,
+        write_secret,
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,12 +126,16 @@ def cmd_natsconf(args: argparse.Namespace) -> int:
     roles = users(settings.approvers, settings.apps)
     passwords = generate_passwords(roles)
     config = out / "nats-server.conf"
-    write_secret(
-        config,
-        render_config(
-            roles, passwords, port=4222, store_dir=Path("/data/jetstream"), host="0.0.0.0"
-        ),
+    text = render_config(
+        roles, passwords, port=4222, store_dir=Path("/data/jetstream"), host="0.0.0.0"
     )
+    if args.cluster_routes:  # one config for every node of a cluster
+        routes = [route.strip() for route in args.cluster_routes.split(",") if route.strip()]
+        cluster = cluster_block(
+            listen="0.0.0.0:6222", routes=routes, secret=secrets.token_urlsafe(18)
+        )
+        text = render_node_config(text, cluster=cluster)
+    write_secret(config, text)
     env = out / "passwords.env"
     write_secret(
         env,
@@ -129,16 +148,18 @@ def cmd_natsconf(args: argparse.Namespace) -> int:
 
 
 async def cmd_init_streams(args: argparse.Namespace) -> int:
-    """Create the streams and the prompt bucket (needs the admin user)."""
-    from ratchet.messaging import ensure_streams
+    """Create the streams and the prompt bucket (needs the admin user), with as many replicas
+    as asked, else one per server in ``RATCHET_NATS_URL`` (at most three)."""
+    from ratchet.messaging import MAX_REPLICAS, ensure_streams
 
     settings = get_settings()
+    replicas = args.replicas or min(len(settings.nats_servers), MAX_REPLICAS)
     nc = await open_client(settings)
     try:
-        await ensure_streams(nc.jetstream())
+        await ensure_streams(nc.jetstream(), replicas=replicas)
     finally:
         await nc.close()
-    console.print("streams ready")
+    console.print(f"streams ready ({replicas} {'replica' if replicas == 1 else 'replicas'})")
     return 0
 
 
@@ -219,6 +240,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--evaluators", type=int, default=1, help="evaluator replicas (default 1)")
     up.add_argument("--executors", type=int, default=1, help="executor replicas (default 1)")
     up.add_argument(
+        "--cluster",
+        type=int,
+        default=1,
+        choices=(1, 3),
+        help="nats-server nodes: 1, or a cluster of 3 on loopback with every stream replicated "
+        "three times (ports: RATCHET_NATS_URL's and the two after it)",
+    )
+    up.add_argument(
         "--max-restarts",
         type=int,
         default=5,
@@ -231,10 +260,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.set_defaults(handler=cmd_up, is_async=False)
 
     init = sub.add_parser("init-streams", help="create the streams (as the NATS admin user)")
+    init.add_argument(
+        "--replicas",
+        type=int,
+        choices=(1, 2, 3),
+        help="copies of each stream (default: one per server in RATCHET_NATS_URL, at most 3)",
+    )
     init.set_defaults(handler=cmd_init_streams, is_async=True)
 
     natsconf = sub.add_parser("natsconf", help="write a nats-server config for a deployment")
     natsconf.add_argument("--out", default="deploy")
+    natsconf.add_argument(
+        "--cluster-routes",
+        metavar="HOST:PORT,...",
+        help="a cluster: every node's route address (e.g. nats-1:6222,nats-2:6222,nats-3:6222); "
+        "one config serves every node, named by its SERVER_NAME variable",
+    )
     natsconf.set_defaults(handler=cmd_natsconf, is_async=False)
 
     approver = sub.add_parser("approver", help="run the policy approver")

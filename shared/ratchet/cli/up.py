@@ -40,12 +40,18 @@ from urllib.parse import urlparse
 from ratchet.messaging import EVENTS_STREAM, connect
 from ratchet.models import local_base_url, local_model_path
 from ratchet.natsconf import ROLES
-from ratchet.natsproc import LocalNats, start_nats, wait_for_port
+from ratchet.natsproc import (
+    NATS,
+    LocalNats,
+    NatsStartError,
+    start_cluster,
+    start_nats,
+    wait_for_port,
+)
 from ratchet.services import CORE_SERVICES, Service, get_service
 from ratchet.settings import Settings, to_env
 
-NATS = "nats-server"  # the labels of the stack's parts that are not services
-LOCAL_MODEL = "local-model"
+LOCAL_MODEL = "local-model"  # with NATS (a cluster's nodes: nats-server-<i>), the non-services
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOP_GRACE_S = 10.0  # how long a child may take to stop on SIGTERM before it is killed
 LOG_TAIL_LINES = 20  # of a part that cannot be kept running, shown when the supervisor gives up
@@ -186,6 +192,7 @@ class Stack:
     """Everything ``ratchet up`` started, stopped together in reverse order."""
 
     settings: Settings
+    cluster: int = 1  # nats-server nodes: 1, or a cluster of several (see start_cluster)
     nats: LocalNats | None = None
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     services: dict[str, Service] = field(default_factory=dict)  # label -> what it runs
@@ -228,23 +235,45 @@ class Stack:
             self.processes.append((label, self.launch(label, service)))
 
     def start_nats(self) -> LocalNats:
-        """nats-server on the configured port, with the data and credentials in home (reused).
-        Stop signals wait until it listens (at most 10 s, usually 0.1 s): see :func:`spawning`."""
+        """nats-server on the configured port, with the data and credentials in home (reused),
+        or a cluster of ``cluster`` nodes (see :func:`cluster_ports`). Stop signals wait until it
+        listens (at most 10 s, usually 0.1 s; a cluster's streams a few seconds more): see
+        :func:`spawning`."""
+        home = self.settings.home.resolve()
+        roles = {"approvers": self.settings.approvers, "apps": self.settings.apps}
         with spawning():
-            self.nats = start_nats(
-                self.settings.home.resolve(),
-                urlparse(self.settings.nats_url).port or 4222,
-                log_path=self.logs / f"{NATS}.log",
-                approvers=self.settings.approvers,
-                apps=self.settings.apps,
-                preexec_fn=child_setup(),
-            )
+            if self.cluster > 1:
+                self.nats = start_cluster(
+                    home,
+                    self.cluster,
+                    ports=cluster_ports(self.settings, self.cluster),
+                    log_dir=self.logs,
+                    preexec_fn=child_setup(),
+                    **roles,
+                )
+            else:
+                self.nats = start_nats(
+                    home,
+                    urlparse(self.settings.nats_servers[0]).port or 4222,
+                    log_path=self.logs / f"{NATS}.log",
+                    preexec_fn=child_setup(),
+                    **roles,
+                )
         return self.nats
 
+    def nats_parts(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        """nats-server's processes as parts of the stack: one, or each node of a cluster."""
+        return [(node.name, node.process) for node in self.nats.nodes] if self.nats else []
+
     def respawn(self, label: str) -> subprocess.Popen[bytes]:
-        """A new process for part ``label``, in its place; the old one must have exited."""
-        if label == NATS:
+        """A new process for part ``label``, in its place; the old one must have exited. A
+        cluster's node restarts alone, on its data, and catches up with the others."""
+        assert self.nats is not None
+        if label == NATS and self.cluster == 1:
             return self.start_nats().process
+        if label in (nodes := {node.name: node for node in self.nats.nodes}):
+            with spawning():  # not waited for: if it exits again, supervise() sees it
+                return nodes[label].start()
         index = next(i for i, (name, _) in enumerate(self.processes) if name == label)
         with spawning():
             if label == LOCAL_MODEL:
@@ -274,7 +303,8 @@ class Stack:
     ) -> PartFailed:
         """Keep every part running until one cannot be: restart a part that exited, as
         ``policy`` says, until it exits too often. nats-server is restarted like the others, on
-        its data directory and with the same credentials: the services reconnect to it. Each
+        its data directory and with the same credentials: the services reconnect to it (each
+        node of a cluster on its own: meanwhile the services use the others). Each
         exit and restart is reported and written to ``logs/supervisor.log``.
 
         Runs in the main thread and sleeps until a child exits (SIGCHLD), a restart is due or a
@@ -298,7 +328,7 @@ class Stack:
             while True:
                 check_stop()
                 now = time.monotonic()
-                for label, process in [(NATS, self.nats.process), *self.processes]:
+                for label, process in [*self.nats_parts(), *self.processes]:
                     if label in due or (code := process.poll()) is None:
                         continue
                     recent = exits.setdefault(label, deque())
@@ -394,6 +424,20 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(line.rstrip() for line in _COLOURS.sub("", text).splitlines()[-lines:])
 
 
+def cluster_ports(settings: Settings, nodes: int) -> list[int]:
+    """The client ports of a cluster's nodes: those of ``settings.nats_url`` if it lists one URL
+    per node, else the port of its one URL and the ones after it (4222, 4223, 4224)."""
+    ports = [urlparse(url).port or 4222 for url in settings.nats_servers]
+    if len(ports) == nodes:
+        return ports
+    if len(ports) == 1:
+        return [ports[0] + i for i in range(nodes)]
+    raise NatsStartError(
+        f"RATCHET_NATS_URL lists {len(ports)} servers for a cluster of {nodes}: list one per "
+        "node, or one (the first node's; the others take the ports after it)"
+    )
+
+
 def uses_local_model(settings: Settings) -> bool:
     return any(m.spec == "local" for m in (settings.agent, settings.judge, settings.proposer))
 
@@ -403,19 +447,22 @@ def start_stack(
     *,
     evaluators: int = 1,
     executors: int = 1,
+    cluster: int = 1,
     on_ready: Callable[[str, float], None] = lambda name, seconds: None,
     services: tuple[Service, ...] = CORE_SERVICES,
 ) -> Stack:
     """Start everything and return once each part is ready; on any failure, stop what started.
 
     ``services``: by default every service that is not optional (not the policy approver).
+    ``cluster``: nats-server nodes (a cluster with replicated streams when more than one).
     """
-    stack = Stack(settings=settings)
+    stack = Stack(settings=settings, cluster=cluster)
     stack.logs.mkdir(parents=True, exist_ok=True)
     try:
         began = time.monotonic()
-        stack.note(f"{NATS} started (pid {stack.start_nats().process.pid})")
-        on_ready(NATS, time.monotonic() - began)
+        stack.start_nats()
+        stack.note(", ".join(f"{label} started (pid {p.pid})" for label, p in stack.nats_parts()))
+        on_ready(NATS if cluster == 1 else f"{NATS} x{cluster}", time.monotonic() - began)
         if uses_local_model(settings):
             began = time.monotonic()
             with spawning():
