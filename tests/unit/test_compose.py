@@ -150,7 +150,7 @@ def test_llama_cpp_is_built_for_any_cpu() -> None:
 
 
 def test_every_service_is_deployed() -> None:
-    expected = {s.name for s in SERVICES} | {"nats", "mongo", "local-model", "init-streams"}
+    expected = {s.name for s in SERVICES} | {"nats-1", "mongo", "local-model", "init-streams"}
     assert expected <= set(COMPOSE["services"])
 
 
@@ -218,10 +218,25 @@ def test_evaluator_scales_out() -> None:
     assert "container_name" not in evaluator and "ports" not in evaluator
 
 
-def test_nats_mounts_the_config_ratchet_natsconf_writes() -> None:
+NATS_NODES = sorted(name for name in COMPOSE["services"] if name.startswith("nats-"))
+
+
+def test_nats_is_a_three_node_cluster_every_client_knows() -> None:
+    assert NATS_NODES == ["nats-1", "nats-2", "nats-3"]
+    urls = [f"nats://{node}:4222" for node in NATS_NODES]
+    for name, service in COMPOSE["services"].items():
+        env = environment(service)
+        if "RATCHET_NATS_URL" in env:
+            assert env["RATCHET_NATS_URL"].split(",") == urls, name
+
+
+@pytest.mark.parametrize("node", NATS_NODES)
+def test_every_node_mounts_the_config_ratchet_natsconf_writes(node: str) -> None:
     out = build_parser().parse_args(["natsconf"]).out
-    mounts = [volume.split(":")[0] for volume in COMPOSE["services"]["nats"]["volumes"]]
+    service = COMPOSE["services"][node]
+    mounts = [volume.split(":")[0] for volume in service["volumes"]]
     assert f"./{out}/nats-server.conf" in mounts
+    assert environment(service)["SERVER_NAME"] == node  # the config names each node by it
 
 
 @pytest.mark.parametrize("name", sorted(COMPOSE["services"]))
