@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from nats.aio.msg import Msg
-from pipeline import PIPELINE, machine  # benchmarks/pipeline.py, beside this
+from pipeline import PIPELINE, cpu_seconds, machine  # benchmarks/pipeline.py, beside this
 
 from ratchet.cli.up import Stack, start_stack
 from ratchet.contracts import (
@@ -69,6 +69,7 @@ class Tier:
     seconds: float
     runs_per_s: float
     ideal_runs_per_s: float
+    busy_cores: float  # the whole machine's CPU use while the runs were measured
     rss_mb: dict[str, float]
 
     @property
@@ -177,7 +178,11 @@ async def measure_gate(stack: Stack) -> float:
     nc = await connect(stack.nats.settings_for("client"), name="bench-gate")
     try:
         asked = asyncio.Event()
-        await nc.subscribe(ChangeAwaitingApproval.subject, cb=lambda _msg: _set(asked))
+
+        async def on_asked(_msg: Msg) -> None:
+            asked.set()
+
+        await nc.subscribe(ChangeAwaitingApproval.subject, cb=on_asked)
         await nc.flush()
         current = await read_current(nc.jetstream(), TASK)
         change = ChangeProposed(
@@ -192,10 +197,6 @@ async def measure_gate(stack: Stack) -> float:
         return time.perf_counter() - began
     finally:
         await nc.close()
-
-
-async def _set(event: asyncio.Event) -> None:
-    event.set()
 
 
 def tier(args: argparse.Namespace, name: str, replicas: int) -> Tier:
@@ -216,12 +217,15 @@ def tier(args: argparse.Namespace, name: str, replicas: int) -> Tier:
         settings = settings_for(Path(tmp), args.workers)
         with stack_with(settings, env, services=PIPELINE, **counts) as stack:
             asyncio.run(drive(stack, args.warmup, window, checked))
+            before = cpu_seconds({})["machine"]
             seconds = asyncio.run(drive(stack, args.runs, window, checked))
+            busy = (cpu_seconds({})["machine"] - before) / seconds
             memory = rss_mb(stack)
-    result = Tier(name, replicas, args.runs, seconds, args.runs / seconds, ideal, memory)
+    result = Tier(name, replicas, args.runs, seconds, args.runs / seconds, ideal, busy, memory)
     print(
         f"{name:<9} x{replicas}  {result.runs_per_s:7.1f} runs/s  ideal {ideal:6.1f}  "
-        f"({result.efficiency:.0%})  max RSS {max(memory.values()):.0f} MB",
+        f"({result.efficiency:.0%})  machine busy {busy:.2f} of {os.cpu_count()} cores  "
+        f"max RSS {max(memory.values()):.0f} MB",
         flush=True,
     )
     return result
