@@ -264,7 +264,7 @@ async def test_the_pipeline_rides_out_the_loss_of_the_stream_leaders_node(
             )
             leader = await stack.nats.stream_leader()
             leader.kill()
-            await asyncio.sleep(2)
+            await asyncio.sleep(2)  # the node stays down while runs go on: the outage under test
             await asyncio.to_thread(stack.nats.restart, leader)
             await publishing
             await until(
