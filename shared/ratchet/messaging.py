@@ -27,7 +27,7 @@ from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, BucketNotFoundError
 from pydantic import ValidationError
 
-from ratchet.contracts import DeadLetter, Event
+from ratchet.contracts import DeadLetter, Event, RunCompleted, RunReported
 from ratchet.jetstream import EVENTS_STREAM as EVENTS_STREAM
 from ratchet.jetstream import INBOX_ROOT as INBOX_ROOT
 from ratchet.jetstream import PROMPTS_BUCKET as PROMPTS_BUCKET
@@ -284,6 +284,15 @@ async def publish(publisher: LogicPublisher, event: Event) -> None:
 
 def dead_letter_subject(subject: str) -> str:
     return f"{DLQ_PREFIX}.{subject}"
+
+
+def reported_run(settings: Settings, report: RunReported, app: str) -> RunCompleted:
+    """The run an app reported, as the evaluator and the failure store handle it; a task the
+    app may not report (``Settings.app_tasks``) is :class:`Unprocessable`, so it is
+    dead-lettered with that reason and swayed nothing."""
+    if not settings.app_may_report(app, report.task):
+        raise Unprocessable(f"app {app!r} may not report task {report.task!r} (app_tasks)")
+    return report.completed(app)
 
 
 class Unprocessable(Exception):

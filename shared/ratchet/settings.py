@@ -8,10 +8,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ratchet.contracts import APP_NAME, APPROVER_NAME, CASES, LOOKS
+from ratchet.contracts import APP_NAME, APPROVER_NAME, CASES, LOOKS, TASK_NAME_PATTERN
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -156,6 +156,16 @@ class Settings(BaseSettings):
         description="Instrumented apps that report their runs (the SDK): one NATS user each "
         "(app-<name>), allowed to read prompts and publish its own runs, nothing else.",
     )
+    app_tasks: dict[
+        Annotated[str, StringConstraints(pattern=APP_NAME)],
+        list[Annotated[str, StringConstraints(pattern=TASK_NAME_PATTERN)]],
+    ] = Field(
+        default_factory=dict,
+        description='The tasks each app may report, e.g. {"shop": ["answer-only"]}; the '
+        "evaluator and the failure store dead-letter a report of any other task, so an app "
+        "cannot sway another task's failures or canary. An app not named may report every task "
+        "(one machine, your own apps); name every app in a shared deployment.",
+    )
     judge_sample_rate: float = Field(
         default=1.0,
         ge=0.0,
@@ -170,6 +180,11 @@ class Settings(BaseSettings):
         each connection is given all of them, so it rides out the loss of any one."""
         return [url.strip() for url in self.nats_url.split(",") if url.strip()]
 
+    def app_may_report(self, app: str, task: str) -> bool:
+        """Whether the app ``app`` may report runs of ``task`` (:attr:`app_tasks`)."""
+        tasks = self.app_tasks.get(app)
+        return tasks is None or task in tasks
+
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{self.home / 'ratchet.db'}"
 
@@ -178,7 +193,12 @@ def to_env(settings: Settings) -> dict[str, str]:
     """The environment that recreates ``settings`` in a child process."""
     env: dict[str, str] = {}
     for name, value in settings.model_dump(mode="json", exclude_none=True).items():
-        if isinstance(value, dict):
+        nested = Settings.model_fields[name].annotation
+        if isinstance(value, dict) and not (
+            isinstance(nested, type) and issubclass(nested, BaseModel)
+        ):
+            env[f"RATCHET_{name.upper()}"] = json.dumps(value)  # a mapping setting, as JSON
+        elif isinstance(value, dict):
             for key, inner in value.items():
                 if inner is not None:
                     env[f"RATCHET_{name.upper()}__{key.upper()}"] = str(inner)

@@ -32,6 +32,7 @@ from ratchet.contracts import (
     ChangeKept,
     ChangeProposed,
     ChangeRecorded,
+    ChangeRejected,
     ChangeRolledBack,
     Check,
     Event,
@@ -691,6 +692,55 @@ async def test_decision_for_an_unknown_change_is_refused_and_audited(harness: Ha
         ("no-such-change.recorded.1", "decision_refused")
     }
     assert len(h.bus.of_type(ChangeRecorded)) == len(h.bus.events)
+
+
+async def test_the_proposer_may_not_approve_its_own_change_another_reviewer_may(
+    harness: Harness,
+) -> None:
+    """One identity never drives a change through both ends of the gate: the proposer's own
+    approval is refused and audited (once, however often it is redelivered), and the change
+    waits for someone else's."""
+    h = harness
+    change = proposal(BASE, margin=0.05)  # a rollback's shape: a margin, so a person decides
+    await h.runner.on_proposed(change, proposer="console.alice")
+    evidence = h.bus.of_type(ChangeAwaitingApproval)[0].evidence_sha256
+
+    own = approval(change, evidence)
+    for _ in range(2):  # redelivered: audited once
+        assert await h.runner.on_decision(own, approved=True, approver="console.alice") is False
+    refused = [r for r in await h.store.audit(change.change_id) if r.kind == "decision_refused"]
+    assert [(r.actor, r.payload["why"]) for r in refused] == [
+        (
+            "console.alice",
+            "console.alice proposed this change and may not approve it: another reviewer must",
+        )
+    ]
+    assert h.prompts.writes == [] and (await h.runner.status(change.change_id))[1] == ("decide",)
+
+    other = approval(change, evidence)
+    assert await h.runner.on_decision(other, approved=True, approver="console.bob") is True
+    trail = await h.store.audit(change.change_id)
+    assert [(r.kind, r.actor) for r in trail if r.kind in ("received", "approved")] == [
+        ("received", "console.alice"),
+        ("approved", "console.bob"),
+    ]
+    assert [w.kind for w in h.prompts.writes] == ["change"]
+
+
+async def test_the_proposer_may_withdraw_its_own_change(harness: Harness) -> None:
+    """Rejecting one's own change is no way around the gate: it is taken."""
+    h = harness
+    change = proposal(GOOD)
+    await h.runner.on_proposed(change, proposer="console.alice")
+    evidence = h.bus.of_type(ChangeAwaitingApproval)[0].evidence_sha256
+    withdrawn = ChangeRejected(
+        change_id=change.change_id, reason="not yet", evidence_sha256=evidence
+    )
+    assert await h.runner.on_decision(withdrawn, approved=False, approver="console.alice") is True
+    trail = await h.store.audit(change.change_id)
+    assert [(r.kind, r.actor) for r in trail][-1] == ("rejected", "console.alice")
+    assert "decision_refused" not in [r.kind for r in trail]
+    assert h.prompts.writes == [] and (await h.runner.status(change.change_id))[1] == ()
 
 
 # --- who proposed ---------------------------------------------------------------------------------

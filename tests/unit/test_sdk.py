@@ -266,3 +266,26 @@ def test_a_tracer_reports_one_invocation(caplog: pytest.LogCaptureFixture) -> No
     assert tracer.reported is not None and tracer.reported.output == "first"
     assert ratchet.stats.reported == 1
     assert any("make one per call" in r.getMessage() for r in caplog.records)
+
+
+def test_a_report_in_canary_must_say_what_the_run_was_served() -> None:
+    """A fresh draw at report time could name the other version than the run used, and the
+    canary would count it for the wrong arm: while the task is in canary, a report carries the
+    served prompt or the rollout key it was served with."""
+    cache = PromptCache(RULES)
+    cache.update(canary_version())
+    ratchet = Ratchet(
+        app="shop", servers=["nats://127.0.0.1:1"], user="app-shop", password=None, cache=cache
+    )
+    with pytest.raises(ReportError, match="is in canary: pass prompt="):
+        ratchet.report(task="qa", input="2 + 2", output="4")
+    given = cache.prompt("qa", "user-1")
+    by_prompt = ratchet.report(task="qa", input="2 + 2", output="4", prompt=given)
+    by_key = ratchet.report(task="qa", input="2 + 2", output="4", rollout_key="user-1")
+    assert by_prompt is not None and by_key is not None
+    assert by_prompt.prompt_version == by_key.prompt_version == given.version
+    # a task without a canary needs neither
+    assert ratchet.report(task="other", input="x", output="y") is not None
+    with pytest.raises(ReportError, match="is in canary: pass prompt="):
+        ratchet.tracer(task="qa")  # the same for a tracer: it reports when the run ends
+    assert ratchet.tracer(task="qa", key="user-1").prompt == given

@@ -7,9 +7,11 @@ letters of a malformed one) is tested in tests/integration/test_app_role.py."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from faststream import FastStream, TestApp
 from faststream.nats import TestNatsBroker
 from pydantic import TypeAdapter
@@ -23,7 +25,7 @@ from ratchet.contracts import (
     RunRequested,
     RunScored,
 )
-from ratchet.messaging import QUERY_PREFIX
+from ratchet.messaging import QUERY_PREFIX, Unprocessable, reported_run
 from ratchet.prompts import Canary, PromptRecord, PromptVersion, in_canary
 from ratchet.settings import ModelSettings, Settings
 from ratchet.store import FailureQuery, FailureRecord
@@ -188,3 +190,20 @@ async def test_the_executor_serves_each_rollout_key_one_version_of_a_canary() ->
         served.setdefault(request.rollout_key or "", set()).add(run.prompt_version)
     assert served == {key: {5 if in_canary("c9", key, 0.5) else 4} for key in keys}
     assert {version for versions in served.values() for version in versions} == {4, 5}
+
+
+async def test_an_app_may_report_only_its_own_tasks_when_they_are_named() -> None:
+    """With ``app_tasks``, a report of another task is refused as unprocessable (dead-lettered
+    with the reason on a real server) and scored by nobody, so an app cannot sway another task's
+    failures or canary."""
+    settings = Settings(judge=ModelSettings(spec="scripted:judge-no"), app_tasks={SHOP: ["t"]})
+    app = evaluator_app(settings)
+    async with TestNatsBroker(app.broker) as broker, TestApp(app):
+        with contextlib.suppress(Unprocessable):
+            await broker.publish(report("r1", task="billing"), RunReported.subject_of(SHOP))
+        await broker.publish(report("r2"), RunReported.subject_of(SHOP))
+        scored = published(app, RunScored)
+    assert [s.run_id for s in scored] == ["app:shop/r2"]
+    with pytest.raises(Unprocessable, match="app 'shop' may not report task 'billing'"):
+        reported_run(settings, report("r1", task="billing"), SHOP)
+    assert reported_run(settings, report("r3", task="billing"), "other").task == "billing"

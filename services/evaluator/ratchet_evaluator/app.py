@@ -13,7 +13,13 @@ from faststream import FastStream, Path
 from faststream.specification import AsyncAPI
 
 from ratchet.contracts import RunCompleted, RunReported, RunScored
-from ratchet.messaging import durable_subscriber, event_publisher, make_broker, publish
+from ratchet.messaging import (
+    durable_subscriber,
+    event_publisher,
+    make_broker,
+    publish,
+    reported_run,
+)
 from ratchet.models import make_chat_model, model_label
 from ratchet.settings import Settings, get_settings
 from ratchet_evaluator.judge import Judge
@@ -53,7 +59,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
         "names (the server lets only that app publish there).",
     )
     async def on_run_reported(report: RunReported, app: str = Path()) -> None:
-        await score(report.completed(app))
+        await score(reported_run(settings, report, app))
 
     return FastStream(
         broker,

@@ -35,6 +35,7 @@ from ratchet.messaging import (
     event_publisher,
     make_broker,
     publish,
+    reported_run,
 )
 from ratchet.queries import (
     MAX_FAILURES_PER_QUERY,
@@ -89,7 +90,8 @@ def build_app(settings: Settings | None = None) -> FastStream:
         "names (the server lets only that app publish there).",
     )
     async def on_run_reported(report: RunReported, app: str = Path()) -> None:
-        await publish_if_failure(await started().on_completed(report.completed(app)))
+        run = reported_run(settings, report, app)
+        await publish_if_failure(await started().on_completed(run))
 
     @durable_subscriber(
         broker, RunScored.subject, durable="failure-store-scored", settings=settings

@@ -11,10 +11,12 @@ Expiry needs no clock but the server's: the bucket's ``max_age`` removes an entr
 ``LEASE_TTL_S`` after its last write, so the lease of a gatekeeper that died (or lost NATS for
 that long) is gone, and the next create succeeds. Per-message TTLs would need nats-server 2.11
 and ``allow_msg_ttl``; a deadline in the value would trust each host's clock. A holder whose
-renewal fails, or that has not renewed within the TTL, has lost the lease: its work is cancelled
-(:class:`LeaseLost`) and the message comes back, to it or to whoever holds the lease then. Every
-step of a change's thread is idempotent and checkpointed in the shared PostgreSQL, so the next
-holder resumes where the last checkpoint left it.
+renewal is refused, or whose last renewal that succeeded was sent two thirds of the TTL ago, has
+lost the lease (each try is bounded by a third of the TTL): its work is cancelled
+(:class:`LeaseLost`) a third of the TTL before the server would forget the lease, so it has
+stopped before a standby can take it, and the message comes back, to it or to whoever holds the
+lease then. Every step of a change's thread is idempotent and checkpointed in the shared
+PostgreSQL, so the next holder resumes where the last checkpoint left it.
 """
 
 from __future__ import annotations
@@ -62,12 +64,19 @@ class Leases:
     async def take(self, change_id: str, wait_s: float) -> int:
         """Take the change's lease, waiting up to ``wait_s`` for its holder to release it or
         die; the revision written. :class:`LeaseBusy` if it is still held then."""
+        revision, _ = await self._take(change_id, wait_s)
+        return revision
+
+    async def _take(self, change_id: str, wait_s: float) -> tuple[int, float]:
+        """:meth:`take`, and when (loop time) the create that took it was sent: the server's
+        clock for the lease started no earlier."""
         value = json.dumps({"holder": self.holder, "change_id": change_id}).encode()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
+            sent = loop.time()
             try:
-                return await self.kv.create(lease_key(change_id), value)
+                return await self.kv.create(lease_key(change_id), value), sent
             except KeyWrongLastSequenceError:
                 left = deadline - loop.time()
                 if left <= 0:
@@ -80,29 +89,39 @@ class Leases:
         TTL and a bit, time enough for a dead holder's lease to expire), renewed meanwhile,
         released after. Losing it cancels the block's work and raises :class:`LeaseLost`."""
         key = lease_key(change_id)
-        revision = await self.take(change_id, self.ttl_s + 2.0 if wait_s is None else wait_s)
+        revision, sent = await self._take(change_id, self.ttl_s + 2.0 if wait_s is None else wait_s)
         worker = asyncio.current_task()
         assert worker is not None
         lost: list[str] = []
 
         async def renew() -> None:
+            """Renew every third of the TTL. The server restarts the lease's clock when a write
+            lands, which is after it was sent, so the holder counts from each send that
+            succeeded, and gives up a third of the TTL before the server would forget the lease
+            (``expires``): by then a standby may take it, and this holder must have stopped."""
             nonlocal revision
             loop = asyncio.get_running_loop()
-            renewed = loop.time()
+            third = self.ttl_s / 3
+            expires = sent + self.ttl_s - third  # by the last successful send
             value = json.dumps({"holder": self.holder, "change_id": change_id}).encode()
+            pause = third
             while True:
-                await asyncio.sleep(self.ttl_s / 3)
+                await asyncio.sleep(min(pause, max(0.0, expires - loop.time())))
+                attempt = loop.time()
                 try:
-                    revision = await self.kv.update(key, value, last=revision)
-                    renewed = loop.time()
+                    # each try bounded (nats-py would wait 5 s), and never past ``expires``
+                    async with asyncio.timeout_at(min(attempt + third, expires)):
+                        revision = await self.kv.update(key, value, last=revision)
+                    expires, pause = attempt + self.ttl_s - third, third
                     continue
                 except KeyWrongLastSequenceError:
                     lost.append("it expired or another gatekeeper took it")
-                except Exception as exc:  # NATS away: try again, while the lease can still hold
-                    if loop.time() - renewed < self.ttl_s:
+                except Exception as exc:  # NATS away, or too slow: try again while it holds
+                    if loop.time() < expires:
                         log.warning("renewing the lease of %s failed: %s", change_id, exc)
+                        pause = RETRY_S
                         continue
-                    lost.append(f"not renewed for {self.ttl_s:g} s ({exc})")
+                    lost.append(f"not renewed within {self.ttl_s - third:g} s ({exc!r})")
                 worker.cancel()
                 return
 

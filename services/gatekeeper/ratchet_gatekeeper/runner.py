@@ -94,11 +94,16 @@ class GateRunner:
     async def on_decision(self, decision: ChangeDecision, *, approved: bool, approver: str) -> bool:
         """Resume a change waiting at the gate. ``approver``: who decided, as the server
         authenticated it (the decision's subject). False (and audited, when the change exists)
-        when the decision is refused: no change waits for it, its evidence does not exist yet,
-        or it names other evidence than the gate measured."""
+        when the decision is refused: no change waits for it, its proposer approves it, its
+        evidence does not exist yet, or it names other evidence than the gate measured."""
         values, _ = await self.status(decision.change_id)
         if not values:
             why = "no such change (yet): nothing to decide on"
+            return await self._refuse(decision, approver, why)
+        if approved and approver == values.get("proposer"):
+            # no identity drives a change through both ends of the gate; withdrawing one's own
+            # change (a rejection) is fine. A thread from before proposers were recorded has none.
+            why = f"{approver} proposed this change and may not approve it: another reviewer must"
             return await self._refuse(decision, approver, why)
         evidence = values.get("evidence_sha256")
         if evidence is None:

@@ -37,7 +37,7 @@ ROLES: tuple[Role, ...] = ("reviewer", "viewer")
 PASSWORD_COST = 12
 MIN_PASSWORD_CHARS = 10
 MAX_PASSWORD_BYTES = 72  # what bcrypt reads; a longer one would be cut without a word
-MAX_SESSIONS = 1_000  # beyond it the oldest sessions end
+MAX_SESSIONS = 1_000  # beyond it the new session's name gives up its oldest first, then anyone's
 # Checked when a name is unknown, so a wrong name costs as long as a wrong password.
 _NOBODY = bcrypt.hashpw(b"nobody has this password", bcrypt.gensalt(PASSWORD_COST))
 
@@ -63,6 +63,11 @@ class Session(BaseModel):
         default=None,
         description="A session the trusted proxy opened for a name without an account: the "
         "role the console gives such names. An account's own role always wins.",
+    )
+    via: Literal["password", "proxy"] = Field(
+        default="password",
+        description="proxy: opened for the trusted proxy's identity header; a name has at most "
+        "one, which every request the proxy sends for that name without a cookie shares.",
     )
 
 
@@ -169,25 +174,61 @@ class Accounts:
         return account if matches and stored is not None else None
 
     def open_session(
-        self, name: str, lifetime: timedelta, *, proxy_role: Role | None = None
+        self,
+        name: str,
+        lifetime: timedelta,
+        *,
+        proxy_role: Role | None = None,
+        via: Literal["password", "proxy"] = "password",
     ) -> tuple[str, Session]:
         """A new session for ``name``: the token for the cookie, and the session. Only the
-        trusted proxy opens one for a name without an account (``proxy_role``)."""
+        trusted proxy opens one for a name without an account (``proxy_role``).
+
+        When the file holds ``MAX_SESSIONS``, ``name``'s own sessions make room first (soonest
+        to end first), so one person signing in again and again ends only their own sessions;
+        only a name with none ends the session anyone's that ends soonest."""
         token = secrets.token_urlsafe(32)
         session = Session(
             name=name,
             csrf=secrets.token_urlsafe(32),
             expires=utcnow() + lifetime,
             proxy_role=proxy_role,
+            via=via,
         )
         with self._locked(write=True) as state:
             now = utcnow()
-            state.sessions = {k: s for k, s in state.sessions.items() if s.expires > now}
+            state.sessions = {
+                k: s
+                for k, s in state.sessions.items()
+                if s.expires > now and not (via == "proxy" and s.via == "proxy" and s.name == name)
+            }  # the proxy's session for a name is one, even when two first requests race
             while len(state.sessions) >= MAX_SESSIONS:
-                oldest = min(state.sessions, key=lambda k: state.sessions[k].expires)
+                own = [k for k, s in state.sessions.items() if s.name == name]
+                oldest = min(own or list(state.sessions), key=lambda k: state.sessions[k].expires)
                 del state.sessions[oldest]
             state.sessions[_digest(token)] = session
         return token, session
+
+    def proxy_session(
+        self, name: str, lifetime: timedelta, *, proxy_role: Role | None
+    ) -> tuple[str | None, Session]:
+        """The session for a request the trusted proxy sent for ``name`` without a cookie: the
+        name's live proxy session as it is (no token, and the file is not written), else a new
+        one with its token. So however many such requests come, a name has one proxy session
+        and nobody else's session ends for them."""
+        with self._locked(write=False) as state:
+            now = utcnow()
+            live = next(
+                (
+                    s
+                    for s in state.sessions.values()
+                    if s.via == "proxy" and s.name == name and s.expires > now
+                ),
+                None,
+            )
+        if live is not None:
+            return None, live
+        return self.open_session(name, lifetime, proxy_role=proxy_role, via="proxy")
 
     def session(self, token: str, now: datetime | None = None) -> tuple[Session, Role] | None:
         """The live session of ``token`` and the role it has now (its account's); None if the

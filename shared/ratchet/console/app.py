@@ -64,6 +64,10 @@ MAX_FORM_BYTES = 16 * 1024
 MAX_FORM_FIELDS = 16
 LOGIN_FAILURES = 5  # per name, within LOGIN_WINDOW_S; then that name waits out the window
 LOGIN_WINDOW_S = 300.0
+LOGIN_NAMES_KEPT = 10_000  # the throttle forgets the names that failed longest ago beyond it
+LOGIN_CHECKS = 2  # password checks (bcrypt, ~0.25 s of CPU each) at once; the others queue
+LOGIN_WAIT_S = 5.0  # how long a sign-in queues for a check before it is told to try again
+WRONG_LOGIN = "Wrong name or password."
 AUDIT_RECORDS_SHOWN = 500
 HEARTBEAT_S = 15.0
 SECURITY_HEADERS = [
@@ -111,8 +115,11 @@ class Visitor:
 
 
 class LoginThrottle:
-    """At most ``LOGIN_FAILURES`` wrong passwords per name per window (bounded: the oldest names
-    are forgotten past 10,000)."""
+    """At most ``LOGIN_FAILURES`` wrong passwords per name per window.
+
+    Bounded by construction: it keeps only console names (at most 32 characters; a sign-in
+    with any other name is refused before it gets here), at most ``LOGIN_FAILURES`` times for
+    each, and at most ``LOGIN_NAMES_KEPT`` names (the longest-ago failures are forgotten)."""
 
     def __init__(self) -> None:
         self.failures: OrderedDict[str, list[float]] = OrderedDict()
@@ -126,9 +133,12 @@ class LoginThrottle:
         return len(recent) >= LOGIN_FAILURES
 
     def failed(self, name: str) -> None:
-        self.failures.setdefault(name, []).append(time.monotonic())
+        check_name(name)  # AccountError: no account has it, so there is nothing to throttle
+        times = self.failures.setdefault(name, [])
+        times.append(time.monotonic())
+        del times[:-LOGIN_FAILURES]  # more tell no more: blocked() needs the last few only
         self.failures.move_to_end(name)
-        while len(self.failures) > 10_000:
+        while len(self.failures) > LOGIN_NAMES_KEPT:
             self.failures.popitem(last=False)
 
     def succeeded(self, name: str) -> None:
@@ -186,6 +196,7 @@ def build_console(
     config = config or ConsoleConfig()
     env = templates()
     throttle = LoginThrottle()
+    checks = asyncio.Semaphore(LOGIN_CHECKS)  # a flood of sign-ins queues, it does not fan out
 
     # --- rendering -------------------------------------------------------------------------------
 
@@ -236,7 +247,7 @@ def build_console(
             if account is None and config.proxy_role is None:
                 raise HTTPException(403, f"{name!r} has no console account")
             new, session = await asyncio.to_thread(
-                accounts.open_session,
+                accounts.proxy_session,
                 name,
                 config.session_lifetime,
                 proxy_role=None if account else config.proxy_role,
@@ -248,6 +259,15 @@ def build_console(
             session, role = found
             return Visitor(session.name, role, session.csrf, "password"), None
         return None, None
+
+    async def still_signed_in(request: Request) -> bool:
+        """Whether ``request``'s visitor is still signed in: their cookie's session lasts, or
+        the trusted proxy still names them (a proxied page may have no cookie of its own)."""
+        try:
+            visitor, _ = await visitor_of(request)
+        except (AccountError, HTTPException):
+            return False
+        return visitor is not None
 
     def signed_in(*, reviewer: bool = False) -> Callable[[Handler], Handler]:
         """The handler runs for a signed-in visitor; a page sends anyone else to the login, a
@@ -326,12 +346,24 @@ def build_console(
 
         if not same_token(form.get("nonce"), request.cookies.get(LOGIN_COOKIE) or "-"):
             return again("The sign-in form expired: try again.", 403)
-        if throttle.blocked(name):
+        try:
+            check_name(name)
+        except AccountError:
+            return again(WRONG_LOGIN, 401)  # no account has it: no bcrypt, nothing remembered
+        try:
+            async with asyncio.timeout(LOGIN_WAIT_S):
+                await checks.acquire()
+        except TimeoutError:
+            return again("Many sign-ins at once: try again in a moment.", 503)
+        if throttle.blocked(name):  # asked in turn, so queued guesses at one name count too
+            checks.release()
             return again("Too many wrong passwords for this name: wait a few minutes.", 429)
-        account = await asyncio.to_thread(accounts.authenticate, name, password)
+        check = asyncio.ensure_future(asyncio.to_thread(accounts.authenticate, name, password))
+        check.add_done_callback(lambda _: checks.release())  # when bcrypt ends, not before
+        account = await asyncio.shield(check)  # an abandoned request still holds its turn
         if account is None:
             throttle.failed(name)
-            return again("Wrong name or password.", 401)
+            return again(WRONG_LOGIN, 401)
         throttle.succeeded(name)
         token, _ = await asyncio.to_thread(
             accounts.open_session, account.name, config.session_lifetime
@@ -521,8 +553,7 @@ def build_console(
 
     @signed_in()
     async def events(request: Request) -> Response:
-        """The change events, as server-sent events, while the session lasts."""
-        token = request.cookies.get(SESSION_COOKIE, "")
+        """The change events, as server-sent events, while the visitor is signed in."""
         if backend.relay.full:
             raise HTTPException(503, "too many pages follow the changes: reload later")
 
@@ -533,7 +564,7 @@ def build_console(
                     try:
                         event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
                     except TimeoutError:
-                        if not await asyncio.to_thread(accounts.session, token):
+                        if not await still_signed_in(request):
                             return  # signed out or expired: the page stops following
                         yield ": still here\n\n"
                         continue

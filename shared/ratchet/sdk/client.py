@@ -34,7 +34,7 @@ from ratchet.contracts import Check, RunReported, TokenUsage, TraceStep, new_id
 from ratchet.jetstream import PROMPTS_BUCKET, app_user, inbox_prefix, publish_js
 from ratchet.prompts import entry_version
 from ratchet.rules import load_rules
-from ratchet.sdk.report import Expected, Trace, build_report
+from ratchet.sdk.report import Expected, ReportError, Trace, build_report
 from ratchet.sdk.served import Prompt, PromptCache
 from ratchet.settings import Settings
 
@@ -307,14 +307,17 @@ class Ratchet:
         in :attr:`Stats.dropped`). Never waits on NATS.
 
         ``prompt``: what the run was served (:meth:`prompt`); without it, what ``rollout_key``
-        (else the run id) is served now. ``check`` or ``expected`` (a shorthand, see
-        :func:`ratchet.sdk.report.as_check`) score the run exactly; without either the judge
-        may. ``run_id`` (default: a new one) names the run: reporting it again is harmless,
-        JetStream keeps one. Texts over their limits are cut and named in ``truncated``;
-        anything else invalid is a :class:`ratchet.sdk.report.ReportError`.
+        (else the run id) is served now, which while the task is in canary needs the key the
+        run was served with (without either, a :class:`ratchet.sdk.report.ReportError`).
+        ``check`` or ``expected`` (a shorthand, see :func:`ratchet.sdk.report.as_check`) score
+        the run exactly; without either the judge may. ``run_id`` (default: a new one) names
+        the run: reporting it again is harmless, JetStream keeps one. Texts over their limits
+        are cut and named in ``truncated``; anything else invalid is a
+        :class:`ratchet.sdk.report.ReportError`.
         """
         if self._closed:
             raise RuntimeError("this Ratchet client is closed")
+        self._served_known(task, prompt, rollout_key)
         run_id = run_id or new_id()
         event = build_report(
             self.app,
@@ -443,6 +446,7 @@ class Ratchet:
         :class:`ratchet.sdk.langchain.RatchetTracer`."""
         from ratchet.sdk.langchain import RatchetTracer
 
+        self._served_known(task, prompt, key)
         return RatchetTracer(
             self,
             task=task,
@@ -453,6 +457,16 @@ class Ratchet:
             run_id=run_id,
             model=model,
         )
+
+    def _served_known(self, task: str, prompt: Prompt | None, key: str | None) -> None:
+        """While ``task`` is in canary a report must say what its run was served: a fresh draw
+        here could name the other version, and the canary would count the run for the wrong
+        arm."""
+        if prompt is None and key is None and self._cache.in_canary(task):
+            raise ReportError(
+                f"task {task!r} is in canary: pass prompt= (what the run was served) or the "
+                "rollout key it was served with"
+            )
 
     # --- connection events ----------------------------------------------------------------------
 

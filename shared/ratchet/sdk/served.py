@@ -87,6 +87,11 @@ class PromptCache:
         served = serve(entry.stored, key or os.urandom(8).hex())  # no key: a fresh draw
         return entry.current if served.version == entry.current.version else entry.stable
 
+    def in_canary(self, task: str) -> bool:
+        """Whether a change to ``task`` serves only a share of its runs now."""
+        entry = self._tasks.get(task)
+        return entry is not None and entry.stable is not None
+
     def stored_version(self, task: str) -> int:
         """The newest version of ``task`` seen (0: none)."""
         entry = self._tasks.get(task)
