@@ -4,14 +4,20 @@ browser, is tests/browser/test_console_browser.py."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import ipaddress
 import json
 import re
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import bcrypt
+import httpx
 import pytest
 from conftest import measurement
 from nats.aio.msg import Msg
@@ -23,11 +29,26 @@ from starlette.testclient import TestClient
 
 from ratchet.cli import main
 from ratchet.console import accounts as accounts_module
+from ratchet.console import app as app_module
 from ratchet.console import views
-from ratchet.console.accounts import AccountError, Accounts
-from ratchet.console.app import HERE, LoginThrottle, _local, form_of, templates
+from ratchet.console.accounts import AccountError, Accounts, ConsoleState
+from ratchet.console.app import (
+    HERE,
+    LOGIN_CHECKS,
+    LOGIN_COOKIE,
+    LOGIN_FAILURES,
+    LOGIN_NAMES_KEPT,
+    SESSION_COOKIE,
+    ConsoleConfig,
+    LoginThrottle,
+    _local,
+    build_console,
+    form_of,
+    templates,
+)
 from ratchet.console.backend import relayed
 from ratchet.contracts import Check, utcnow
+from ratchet.natsconf import write_secret
 from ratchet.queries import GateCase, GateRun
 from ratchet.settings import get_settings
 from ratchet.store import AuditRecord
@@ -115,6 +136,20 @@ def test_sessions_are_bounded(accounts: Accounts, monkeypatch: pytest.MonkeyPatc
     assert alive == tokens[2:]  # the ones ending soonest made room
 
 
+def test_a_name_makes_room_among_its_own_sessions_first(
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(accounts_module, "MAX_SESSIONS", 4)
+    for name in ("alice", "bob", "carol"):
+        accounts.add(name, "viewer", None)
+    bob, _ = accounts.open_session("bob", timedelta(minutes=1))  # ends soonest of all
+    alice = [accounts.open_session("alice", timedelta(hours=1 + i))[0] for i in range(6)]
+    assert accounts.session(bob) is not None  # alice's own sessions made the room
+    assert [t for t in alice if accounts.session(t)] == alice[3:]
+    carol, _ = accounts.open_session("carol", timedelta(hours=9))  # none of her own: the soonest
+    assert accounts.session(carol) is not None and accounts.session(bob) is None
+
+
 def test_wrong_passwords_are_throttled_per_name() -> None:
     throttle = LoginThrottle()
     for _ in range(5):
@@ -124,6 +159,22 @@ def test_wrong_passwords_are_throttled_per_name() -> None:
     throttle.succeeded("alice")
     assert not throttle.blocked("alice")
     assert not throttle.blocked("never-seen") and "never-seen" not in throttle.failures
+
+
+def test_the_throttle_is_bounded_by_construction() -> None:
+    """Console names only, a few times each, and a fixed number of names: a flood of sign-ins
+    with ever new names cannot grow it."""
+    throttle = LoginThrottle()
+    with pytest.raises(AccountError, match="not a console name"):
+        throttle.failed("x" * 16_000)
+    for i in range(LOGIN_NAMES_KEPT + 2_000):
+        throttle.failed(f"n{i}")
+    for _ in range(LOGIN_FAILURES * 4):
+        throttle.failed("alice")
+    assert len(throttle.failures) == LOGIN_NAMES_KEPT
+    assert "n0" not in throttle.failures and throttle.blocked("alice")
+    assert max(len(k) for k in throttle.failures) <= 32
+    assert max(len(t) for t in throttle.failures.values()) == LOGIN_FAILURES
 
 
 # --- what the pages show ------------------------------------------------------------------------
@@ -426,3 +477,140 @@ def test_the_proxy_options_go_together(capsys: pytest.CaptureFixture[str]) -> No
     assert capsys.readouterr().err == (
         "ratchet: error: --identity-header and --trusted-proxy go together\n"
     )
+
+
+# --- the console app, unauthenticated requests ---------------------------------------------------
+
+
+class FakeBackend:
+    """A fake of the console's NATS side, enough for the prompts page: connected, no tasks."""
+
+    connected = True
+
+    async def tasks(self) -> list[str]:
+        return []
+
+
+def http(
+    accounts: Accounts, config: ConsoleConfig | None = None, client: str = "127.0.0.1"
+) -> httpx.AsyncClient:
+    """The console app on ``accounts`` (with a fake backend), asked as if from ``client``."""
+    app = build_console(FakeBackend(), accounts, config)  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=app, client=(client, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://console")
+
+
+async def sign_in(client: httpx.AsyncClient, name: str, password: str) -> httpx.Response:
+    """A sign-in post with the login form's double-submit token, as the form sends it."""
+    return await client.post(
+        "/login",
+        data={"name": name, "password": password, "nonce": "n"},
+        headers={"cookie": f"{LOGIN_COOKIE}=n"},
+    )
+
+
+async def test_a_name_no_account_can_have_is_refused_without_a_password_check(
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accounts.add("alice", "reviewer", PASSWORD)
+    checked: list[bytes] = []
+    checkpw = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        checked.append(password)
+        return checkpw(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    async with http(accounts) as client:
+        for name in ("x" * 15_000, "Alice", "al.ice", "a" * 33):
+            refused = await sign_in(client, name, PASSWORD)
+            assert refused.status_code == 401 and "Wrong name or password." in refused.text
+        assert checked == []
+        wrong = await sign_in(client, "mallory", PASSWORD)
+        assert wrong.status_code == 401 and "Wrong name or password." in wrong.text
+        assert len(checked) == 1  # a valid name costs a check, known or not
+        right = await sign_in(client, "alice", PASSWORD)
+        assert right.status_code == 303 and SESSION_COOKIE in right.headers["set-cookie"]
+        assert len(checked) == 2
+
+
+class SlowCheck:
+    """A fake password check that takes ``seconds`` and counts how many run at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.running = 0
+        self.most = 0
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, name: str, password: str) -> None:
+        with self.lock:
+            self.calls += 1
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.running -= 1
+
+
+async def test_password_checks_run_a_few_at_a_time(
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = SlowCheck(0.05)
+    monkeypatch.setattr(accounts, "authenticate", slow)
+    async with http(accounts) as client:
+        answers = await asyncio.gather(*(sign_in(client, f"u{i}", "x") for i in range(8)))
+    assert [a.status_code for a in answers] == [401] * 8
+    assert slow.calls == 8 and slow.most == LOGIN_CHECKS == 2
+
+
+async def test_a_sign_in_that_waits_too_long_for_its_turn_is_told_to_try_again(
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = SlowCheck(0.3)
+    monkeypatch.setattr(accounts, "authenticate", slow)
+    monkeypatch.setattr(app_module, "LOGIN_WAIT_S", 0.1)
+    async with http(accounts) as client:
+        answers = await asyncio.gather(*(sign_in(client, f"u{i}", "x") for i in range(5)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [401, 401, 503, 503, 503] and slow.calls == LOGIN_CHECKS
+    assert all("try again in a moment" in a.text for a in answers if a.status_code == 503)
+
+
+async def test_proxied_requests_without_a_cookie_share_one_session(
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,500 requests the trusted proxy sends for one name without a cookie make one session
+    for it, write the file once, and end nobody else's session."""
+    monkeypatch.setattr(accounts_module, "MAX_SESSIONS", 20)
+    accounts.add("alice", "reviewer", None)
+    others = [
+        accounts.open_session(f"p{i}", timedelta(hours=1), proxy_role="viewer")[0]
+        for i in range(19)
+    ]
+    config = ConsoleConfig(
+        identity_header="X-Remote-User",
+        trusted_proxies=[ipaddress.ip_network("10.0.0.7/32")],
+        proxy_role="viewer",
+    )
+    writes = 0
+
+    def counting(path: Path, text: str) -> None:
+        nonlocal writes
+        writes += 1
+        write_secret(path, text)
+
+    monkeypatch.setattr("ratchet.console.accounts.write_secret", counting)
+    csrf: set[str] = set()
+    async with http(accounts, config, client="10.0.0.7") as proxy:
+        for _ in range(1_500):
+            proxy.cookies.clear()
+            page = await proxy.get("/prompts", headers={"X-Remote-User": "alice"})
+            assert page.status_code == 200 and 'role-reviewer">reviewer' in page.text
+            csrf.add(re.findall(r'name="csrf" value="([^"]+)"', page.text)[0])
+    assert writes == 1 and len(csrf) == 1  # one session, its CSRF token every time
+    assert all(accounts.session(t) is not None for t in others)
+    stored = ConsoleState.model_validate_json(accounts.path.read_text()).sessions.values()
+    assert len(stored) == accounts_module.MAX_SESSIONS == 20
+    assert [(s.name, s.via) for s in stored].count(("alice", "proxy")) == 1

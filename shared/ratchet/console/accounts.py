@@ -186,7 +186,7 @@ class Accounts:
 
         When the file holds ``MAX_SESSIONS``, ``name``'s own sessions make room first (soonest
         to end first), so one person signing in again and again ends only their own sessions;
-        only a name with none ends the session anyone's that ends soonest."""
+        only a name with none ends whichever session ends soonest."""
         token = secrets.token_urlsafe(32)
         session = Session(
             name=name,
