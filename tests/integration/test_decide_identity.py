@@ -18,10 +18,12 @@ import pytest
 from conftest import cli, trail_reaching
 from nats.aio.msg import Msg
 
+from ratchet.cli.client import ClientError, evidence_of
 from ratchet.cli.up import Stack, start_stack
+from ratchet.console.backend import Backend
 from ratchet.contracts import ChangeApproved, ChangeRejected, DeadLetter
 from ratchet.messaging import connect
-from ratchet.natsconf import approver_user
+from ratchet.natsconf import CONSOLE, approver_user
 from ratchet.natsproc import free_port
 from ratchet.settings import GateSettings, ModelSettings, Settings
 from ratchet.suites import load_suite
@@ -92,6 +94,37 @@ def one_line_error(ran: subprocess.CompletedProcess[str]) -> str:
     assert ran.returncode == 1, ran.stdout + ran.stderr
     assert ran.stderr.startswith("ratchet: error:") and ran.stderr.count("\n") == 1, ran.stderr
     return ran.stderr
+
+
+async def test_a_reviewer_may_not_approve_the_rollback_they_proposed(stack: Stack) -> None:
+    """The console proposes and decides as ``console.<reviewer>``: alice's approval of her own
+    rollback is refused (and the console says so), bob's is taken. First in the module, and
+    waited out until kept, so no later test's proposal races its prompt write."""
+    assert stack.nats is not None
+    console = Backend(stack.nats.settings_for(approver_user(CONSOLE), stack.settings))
+    await console.start()
+    try:
+        [first, *_] = await console.history(TASK)
+        change_id = (await console.rollback(TASK, first.version, "alice")).change_id
+        await trail_reaching(stack, change_id, "awaiting_approval", timeout=90)
+        evidence = evidence_of(await console.trail(change_id))
+        with pytest.raises(ClientError, match="the gatekeeper refused the decision"):
+            await console.decide(
+                change_id, approve=True, reason="mine", evidence=evidence, reviewer="alice"
+            )
+        await console.decide(
+            change_id, approve=True, reason="no worse", evidence=evidence, reviewer="bob"
+        )
+        await trail_reaching(stack, change_id, "kept", timeout=90)
+        records = await console.trail(change_id)
+    finally:
+        await console.stop()
+    who = [(r.kind, r.actor) for r in records if r.kind in ("received", "approved", "rejected")]
+    assert who == [("received", "console.alice"), ("approved", "console.bob")], who
+    [refused] = [r for r in records if r.kind == "decision_refused"]
+    assert refused.payload["why"] == (
+        "console.alice proposed this change and may not approve it: another reviewer must"
+    )
 
 
 def test_only_an_approvers_own_login_decides_under_its_name(stack: Stack) -> None:
