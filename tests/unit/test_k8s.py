@@ -17,6 +17,7 @@ import pytest
 import yaml
 from test_compose import is_settings_field, stages
 
+from ratchet.audit import SIGNING_KEY_FILE
 from ratchet.cli import build_parser
 from ratchet.natsconf import users
 from ratchet.services import SERVICES, Service
@@ -24,6 +25,7 @@ from ratchet.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
+DOCKERFILE_UID = 10001  # the user the images run as (the Dockerfile's useradd)
 KUBERNETES = "1.30"  # the oldest release still in upstream support when written
 KUSTOMIZATION: dict[str, Any] = yaml.safe_load((K8S / "kustomization.yaml").read_text())
 OBJECTS: list[dict[str, Any]] = [
@@ -121,8 +123,24 @@ def test_two_gatekeepers_share_postgresql_and_one_audit_key() -> None:
     assert gatekeeper["spec"]["replicas"] == 2
     url = settings_of(gatekeeper)["RATCHET_CHECKPOINT_URL"]
     assert url.startswith("postgresql://") and "@postgres:5432/" in url
-    mounts = {m["mountPath"] for m in container(gatekeeper)["volumeMounts"]}
-    assert "/data/gatekeeper-audit-key.pem" in mounts
+    # the key is copied from the secret into the home as the gatekeeper's own 0600 file (it
+    # refuses a key others may read), by the user the image runs as
+    pod = gatekeeper["spec"]["template"]["spec"]
+    [copy] = pod["initContainers"]
+    assert copy["command"] == [
+        "install", "-m", "600", "/secret/gatekeeper-audit-key.pem", "/data/"
+    ]  # fmt: skip
+    assert pod["securityContext"]["runAsUser"] == DOCKERFILE_UID
+    assert SIGNING_KEY_FILE == "gatekeeper-audit-key.pem"
+    assert settings_of(gatekeeper)["RATCHET_HOME"] == "/data"
+
+
+@pytest.mark.parametrize("name", ["proposer", "console", "gatekeeper"])
+def test_pods_with_a_home_run_as_the_images_user(name: str) -> None:
+    """Their volumes are writable by the user the Dockerfile's images run as."""
+    context = DEPLOYMENTS[name]["spec"]["template"]["spec"]["securityContext"]
+    assert context["runAsUser"] == context["fsGroup"] == DOCKERFILE_UID
+    assert f"--uid {DOCKERFILE_UID} " in (REPO / "Dockerfile").read_text()
 
 
 def test_commands_exist() -> None:
