@@ -11,15 +11,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from pg import LocalPostgres, postgres_bin, running_postgres
 
 from ratchet.cli.client import ClientError, fetch_trail
 from ratchet.cli.up import Stack
-from ratchet.contracts import ChangeRecorded, Measurement
-from ratchet.messaging import connect
+from ratchet.contracts import ChangeProposed, ChangeRecorded, Measurement
+from ratchet.messaging import connect, publish_js
 from ratchet.natsproc import LocalNats, free_port, start_nats
+from ratchet.prompts import read_current
 from ratchet.settings import Settings, to_env
+from ratchet.world import BASE_PROMPT, format_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,3 +150,19 @@ def cli(stack: Stack, *args: str, **env: str) -> subprocess.CompletedProcess[str
         text=True,
         timeout=60,
     )
+
+
+async def propose_world(nc: Client, task: str, success: float, prompt_id: int) -> ChangeProposed:
+    """Propose, as the CLI's client user, the FAKE world prompt ``prompt_id`` whose true success
+    is ``success`` (``ratchet.world``), against the task's current version."""
+    current = await read_current(nc.jetstream(), task)
+    assert current is not None
+    change = ChangeProposed(
+        task=task,
+        base_version=current.version,
+        proposed_prompt=format_prompt(BASE_PROMPT, prompt_id, success),
+        rationale=f"A FAKE world prompt whose true success is {success:.0%}.",
+        model="test:world",
+    )
+    await publish_js(nc.jetstream(), change, subject=change.subject_of("client"), timeout=5)
+    return change

@@ -110,47 +110,48 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
             await js.add_stream(config)
         except BadRequestError:
             await js.update_stream(config)
-    try:
-        await js.key_value(PROMPTS_BUCKET)
-    except BucketNotFoundError:
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=PROMPTS_BUCKET,
-                history=PROMPT_HISTORY,
-                storage=StorageType.FILE,
-                replicas=replicas,
-            )
-        )
-    bucket = (await js.stream_info(f"KV_{PROMPTS_BUCKET}")).config
-    if (bucket.max_consumers, bucket.num_replicas) != (PROMPTS_MAX_CONSUMERS, replicas):
-        bucket.max_consumers = PROMPTS_MAX_CONSUMERS
-        bucket.num_replicas = replicas
-        await js.update_stream(bucket)
+    await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=PROMPTS_BUCKET,
+            history=PROMPT_HISTORY,
+            storage=StorageType.FILE,
+            replicas=replicas,
+        ),
+        max_consumers=PROMPTS_MAX_CONSUMERS,
+    )
     await _ensure_lease_bucket(js, replicas)
+
+
+async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig, **stream: Any) -> None:
+    """A KV bucket as ``config`` says, made if missing; an existing one is brought to its
+    replicas and to the ``stream`` settings of its stream (``KV_<bucket>``) that KV creation
+    does not set or that changed since it was made."""
+    try:
+        await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        await js.create_key_value(config)
+    current = (await js.stream_info(f"KV_{config.bucket}")).config
+    wanted = {"num_replicas": config.replicas, **stream}
+    if any(getattr(current, name) != value for name, value in wanted.items()):
+        for name, value in wanted.items():
+            setattr(current, name, value)
+        await js.update_stream(current)
 
 
 async def _ensure_lease_bucket(js: JetStreamContext, replicas: int) -> None:
     """The gatekeepers' leases, one key per change being worked (the gatekeeper's ``lease``
     module). Every entry ages out ``LEASE_TTL_S`` after its last write, so a lease its holder
     stops renewing (it died) is gone without anyone's clock; history 1, a renewal replaces it."""
-    try:
-        await js.key_value(LEASE_BUCKET)
-    except BucketNotFoundError:
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=LEASE_BUCKET,
-                history=1,
-                ttl=LEASE_TTL_S,
-                direct=True,
-                storage=StorageType.FILE,
-                replicas=replicas,
-            )
-        )
-    bucket = (await js.stream_info(f"KV_{LEASE_BUCKET}")).config
-    if (bucket.max_age, bucket.num_replicas) != (LEASE_TTL_S, replicas):
-        bucket.max_age = LEASE_TTL_S
-        bucket.num_replicas = replicas
-        await js.update_stream(bucket)
+    config = KeyValueConfig(
+        bucket=LEASE_BUCKET,
+        history=1,
+        ttl=LEASE_TTL_S,
+        direct=True,
+        storage=StorageType.FILE,
+        replicas=replicas,
+    )
+    await _ensure_bucket(js, config, max_age=LEASE_TTL_S)
 
 
 async def connect(

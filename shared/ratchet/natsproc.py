@@ -122,7 +122,7 @@ class NatsNode:
         self.process.wait()
 
     def stop(self, grace: float = 10.0) -> None:
-        _stop([self.process], grace)
+        stop_processes([self.process], grace)
 
 
 @dataclass
@@ -176,7 +176,7 @@ class LocalNats:
 
     def stop(self, grace: float = 10.0) -> None:
         """Every node: SIGTERM together, SIGKILL to any still running after ``grace``."""
-        _stop([node.process for node in self.nodes], grace)
+        stop_processes([node.process for node in self.nodes], grace)
 
     async def stream_leader(self, stream: str = EVENTS_STREAM) -> NatsNode:
         """The node that leads ``stream`` now (a single server leads everything)."""
@@ -193,7 +193,8 @@ class LocalNats:
         return self.node(leader)
 
 
-def _stop(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
+def stop_processes(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM to each running process in order; SIGKILL to any still running after ``grace``."""
     for process in processes:
         if process.poll() is None:
             process.terminate()

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import policy_approver, trail_reaching
-from nats.aio.client import Client
+from conftest import policy_approver, propose_world, trail_reaching
 from nats.aio.msg import Msg
 
 from ratchet.cli.client import fetch_trail
@@ -38,7 +37,7 @@ from ratchet.natsproc import free_port
 from ratchet.prompts import PromptVersion, read_current
 from ratchet.settings import GateSettings, ModelSettings, Settings, to_env
 from ratchet.suites import Suite, save_suite
-from ratchet.world import BASE_PROMPT, format_prompt, world_suite
+from ratchet.world import BASE_PROMPT, world_suite
 
 TASK = "world"
 LEARN, GATE, HOLDOUT = 10, 220, 60
@@ -187,25 +186,6 @@ def ledger(stack: Stack) -> dict[str, set[str]]:
     return issued
 
 
-async def propose(nc: Client, observer: Observer, success: float, prompt_id: int) -> str:
-    current = await read_current(nc.jetstream(), TASK)
-    assert current is not None
-    change = ChangeProposed(
-        task=TASK,
-        base_version=current.version,
-        proposed_prompt=format_prompt(BASE_PROMPT, prompt_id, success),
-        rationale=f"A FAKE world prompt whose true success is {success:.0%}.",
-        model="test:world",
-    )
-    await nc.jetstream().publish(
-        change.subject_of("client"),
-        change.model_dump_json().encode(),
-        headers={"Nats-Msg-Id": f"{change.subject}:{change.id}"},
-        timeout=5,
-    )
-    return str(change.change_id)
-
-
 async def drive(stack: Stack) -> dict[str, Decided]:
     """The worse change, then the better one, each to the end of its trail."""
     assert stack.nats is not None
@@ -220,7 +200,7 @@ async def drive(stack: Stack) -> dict[str, Decided]:
         async def trail_reaches(change_id: str, kind: str) -> None:
             await trail_reaching(stack, change_id, kind, timeout=WAIT_S)
 
-        worse = await propose(nc, observer, WORSE, 2)
+        worse = (await propose_world(nc, TASK, WORSE, 2)).change_id
         await observer.wait(
             "decision on the worse change",
             lambda: bool({"change.approved", "change.rejected"} & {*observer.subjects(worse)}),
@@ -228,7 +208,7 @@ async def drive(stack: Stack) -> dict[str, Decided]:
         await trail_reaches(worse, "rejected")
         after_worse = await read_current(nc.jetstream(), TASK)
 
-        better = await propose(nc, observer, BETTER, 1)
+        better = (await propose_world(nc, TASK, BETTER, 1)).change_id
         await observer.wait(
             "outcome of the better change",
             lambda: bool(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import cli, trail_reaching
+from conftest import cli, propose_world, trail_reaching
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -46,7 +46,7 @@ from ratchet.prompts import PromptVersion, read_current
 from ratchet.queries import ChangesQuery, ChangeSummary
 from ratchet.settings import GateSettings, ModelSettings, Settings
 from ratchet.suites import Suite, save_suite
-from ratchet.world import BASE_PROMPT, case_answer, case_input, format_prompt, world_suite
+from ratchet.world import case_answer, case_input, world_suite
 
 TASK = "world"
 BASE, BETTER, WORSE = 0.5, 0.8, 0.4
@@ -130,25 +130,6 @@ def stack_settings(tmp: Path) -> Settings:
     )
 
 
-async def propose(nc: Client, success: float, prompt_id: int) -> ChangeProposed:
-    current = await read_current(nc.jetstream(), TASK)
-    assert current is not None
-    change = ChangeProposed(
-        task=TASK,
-        base_version=current.version,
-        proposed_prompt=format_prompt(BASE_PROMPT, prompt_id, success),
-        rationale=f"A FAKE world prompt whose true success is {success:.0%}.",
-        model="test:world",
-    )
-    await nc.jetstream().publish(
-        change.subject_of("client"),
-        change.model_dump_json().encode(),
-        headers={"Nats-Msg-Id": f"{change.subject}:{change.id}"},
-        timeout=5,
-    )
-    return change
-
-
 async def send_live_runs(nc: Client, live: Live, n: int, rng: random.Random) -> set[str]:
     """``n`` live runs on world cases no suite holds (drawn above its first million)."""
     js = nc.jetstream()
@@ -195,7 +176,7 @@ async def canary_of(
     stack: Stack, nc: Client, live: Live, success: float, prompt_id: int, rng: random.Random
 ) -> Canaried:
     """Propose a change, approve it as the operator, and drive live runs until its canary ends."""
-    change = await propose(nc, success, prompt_id)
+    change = await propose_world(nc, TASK, success, prompt_id)
     await trail_reaching(stack, change.change_id, "awaiting_approval", timeout=WAIT_S)
     approved = cli(stack, "approve", change.change_id, "--reason", "ship it; the canary decides")
     assert approved.returncode == 0, approved.stderr

@@ -46,6 +46,7 @@ from ratchet.natsproc import (
     NatsStartError,
     start_cluster,
     start_nats,
+    stop_processes,
     wait_for_port,
 )
 from ratchet.services import CORE_SERVICES, Service, get_service
@@ -205,8 +206,8 @@ class Stack:
         """The services in reverse order of start, then the local model server, then
         nats-server; each group gets SIGTERM and ``grace`` seconds, then SIGKILL."""
         services = [p for label, p in reversed(self.processes) if label != LOCAL_MODEL]
-        _terminate(services, grace)
-        _terminate([p for label, p in self.processes if label == LOCAL_MODEL], grace)
+        stop_processes(services, grace)
+        stop_processes([p for label, p in self.processes if label == LOCAL_MODEL], grace)
         if self.nats is not None:
             self.nats.stop()
 
@@ -380,20 +381,6 @@ def note(settings: Settings, line: str) -> None:
     """One line of ``logs/supervisor.log``: what the supervisor did, and when."""
     with open(settings.home.resolve() / "logs" / "supervisor.log", "a", encoding="utf-8") as log:
         log.write(f"{datetime.now(UTC).isoformat(timespec='seconds')} {line}\n")
-
-
-def _terminate(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
-    """SIGTERM to each running process in order; SIGKILL to any still running after ``grace``."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    deadline = time.monotonic() + grace
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _exit_text(code: int) -> str:
