@@ -131,7 +131,7 @@ async def raw_serve(
 
 async def raw_executor(settings: Settings, nc: Client) -> None:
     js = nc.jetstream()
-    prompts = PromptReader(js)
+    prompts = PromptReader(nc)
     await prompts.start()
     model = make_chat_model(settings.agent, local_port=settings.local_model_port)
     factory = load_agent_factory(settings.agent_factory)

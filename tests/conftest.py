@@ -25,6 +25,22 @@ from ratchet.settings import Settings, to_env
 from ratchet.world import BASE_PROMPT, format_prompt
 
 REPO = Path(__file__).resolve().parents[1]
+# The system packages scripts/install.sh installs when run as root (PostgreSQL, Chromium). A
+# machine without them skips the tests that need them, saying why; CI sets this, so there such a
+# skip is a failure and those tests cannot silently stop running.
+REQUIRE_SYSTEM_PARTS = os.environ.get("RATCHET_REQUIRE_SYSTEM_PARTS") == "1"
+SYSTEM_PARTS = ("PostgreSQL is not installed", "no chromium")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if REQUIRE_SYSTEM_PARTS and report.skipped:
+        reason = str(report.longrepr)
+        if any(part in reason for part in SYSTEM_PARTS):
+            report.outcome = "failed"
+            report.longrepr = f"RATCHET_REQUIRE_SYSTEM_PARTS=1, but skipped: {reason}"
 
 
 @pytest.fixture

@@ -137,6 +137,7 @@ OUTCOMES = {
     "not_worse": "shown no worse than the margin: promoted",
     "worse": "shown worse: rolled back",
     "undecided": "not shown no worse within its runs: rolled back",
+    "stopped": "stopped by a reviewer: rolled back",
 }
 
 

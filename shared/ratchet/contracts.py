@@ -82,6 +82,11 @@ TRUNCATED_FIELDS = 8
 MAX_VERSION = 2**63 - 1  # prompt versions are JetStream sequence numbers
 
 EXECUTOR_ORIGIN = "executor"
+# Run ids with a ':' belong to Ratchet: "gate:<change>..." (the gatekeeper's runs) and
+# "app:<name>/<id>" (an app's reports). A client's run may not take one: its events would carry
+# the same ids, and JetStream drops the second publish of an id as a repeat.
+GATE_RUN_PREFIX = "gate:"
+RESERVED_RUN_ID_CHAR = ":"
 APP_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 """An instrumented app's name: one subject token that also makes a NATS user name (app-<name>)."""
 
@@ -233,9 +238,17 @@ class RunRequested(Event):
 
     @model_validator(mode="after")
     def _purpose_fits_subject(self) -> RunRequested:
-        """Gate runs come only on the gatekeeper's own subject, so nobody else can make one."""
+        """Gate runs come only on the gatekeeper's own subject, so nobody else can make one, and
+        only gate runs have gate run ids, so nobody can take one's id first."""
         if self.context.purpose != self.purpose:
             raise ValueError(f"{self.subject} carries {self.purpose} runs only")
+        if self.purpose == "gate" and not self.run_id.startswith(GATE_RUN_PREFIX):
+            raise ValueError(f"a gate run's id starts with {GATE_RUN_PREFIX!r}")
+        if self.purpose == "live" and RESERVED_RUN_ID_CHAR in self.run_id:
+            raise ValueError(
+                f"a run id may not contain {RESERVED_RUN_ID_CHAR!r} "
+                "(Ratchet names its gate runs and apps' runs with it)"
+            )
         return self
 
 
@@ -244,6 +257,8 @@ class GateRunRequested(RunRequested):
 
     subject: ClassVar[str] = "run.gate.requested"
     purpose: ClassVar[RunPurpose] = "gate"
+
+    run_id: RunId = Field(default_factory=lambda: f"{GATE_RUN_PREFIX}{new_id()}")
 
 
 class TraceStep(BaseModel):
@@ -606,7 +621,10 @@ class CanaryStats(BaseModel):
     upper: float = Field(description="Anytime-valid upper bound of the lift.")
     margin: float = Field(ge=0.0, le=0.5, description="Promoted once lower > -margin.")
     alpha: float = Field(gt=0.0, lt=0.5)
-    verdict: Literal["running", "not_worse", "worse", "undecided"] = "running"
+    verdict: Literal["running", "not_worse", "worse", "undecided", "stopped"] = Field(
+        default="running",
+        description="stopped: a reviewer rejected the change while it was in canary.",
+    )
     judge_tokens: int = Field(default=0, ge=0, description="Judge tokens spent on these runs.")
 
 

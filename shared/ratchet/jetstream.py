@@ -25,6 +25,10 @@ T = TypeVar("T")
 
 EVENTS_STREAM = "RATCHET"
 PROMPTS_BUCKET = "prompts"
+PROMPTS_STREAM = f"KV_{PROMPTS_BUCKET}"  # the stream behind the bucket
+KEY_PREFIX = f"$KV.{PROMPTS_BUCKET}."  # + a task: where its versions are written
+PROMPT_SUBJECTS = f"{KEY_PREFIX}>"
+PROMPT_HISTORY = 64  # versions kept per task
 INBOX_ROOT = "_INBOX"
 APP_USER_PREFIX = "app-"
 # How long a publish asks a stream that does not answer: on a cluster that lost the node leading

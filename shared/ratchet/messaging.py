@@ -30,12 +30,12 @@ from pydantic import ValidationError
 from ratchet.contracts import DeadLetter, Event, RunCompleted, RunReported
 from ratchet.jetstream import EVENTS_STREAM as EVENTS_STREAM
 from ratchet.jetstream import INBOX_ROOT as INBOX_ROOT
+from ratchet.jetstream import PROMPT_HISTORY, until_answered
 from ratchet.jetstream import PROMPTS_BUCKET as PROMPTS_BUCKET
 from ratchet.jetstream import PUBLISH_RETRY_S as PUBLISH_RETRY_S
 from ratchet.jetstream import dedup_headers as dedup_headers
 from ratchet.jetstream import inbox_prefix as inbox_prefix
 from ratchet.jetstream import publish_js as publish_js
-from ratchet.jetstream import until_answered
 from ratchet.settings import Settings
 
 log = logging.getLogger("ratchet.messaging")
@@ -43,7 +43,6 @@ log = logging.getLogger("ratchet.messaging")
 EVENTS_SUBJECTS = ["run.>", "failure.>", "change.>"]
 DLQ_STREAM = "RATCHET_DLQ"
 DLQ_PREFIX = "dlq"
-PROMPT_HISTORY = 64
 DUPLICATE_WINDOW_S = 600.0
 EVENTS_MAX_AGE_S = 30 * 24 * 3600
 # Storage is bounded too: whoever may publish could otherwise fill the disk. A full events
@@ -51,9 +50,8 @@ EVENTS_MAX_AGE_S = 30 * 24 * 3600
 # unfinished work and the audit trail's anchors. Dead letters beyond their limit drop the oldest.
 EVENTS_MAX_BYTES = 8 * 1024**3
 DLQ_MAX_BYTES = 1024**3
-# The prompt bucket's consumers: one watch per reader process, gone once idle. A reader may
-# create consumers (the watch), and the server cannot restrict their names or lifetimes by
-# permission, so their number is capped instead.
+# The prompt bucket's consumers: readers follow it without one (ratchet.prompts.PromptFollower)
+# and may not create any; the cap stays as a second line.
 PROMPTS_MAX_CONSUMERS = 256
 QUERY_PREFIX = "query"  # request/reply subjects, outside every stream
 # The gatekeepers' leases (KV): one gatekeeper works a change at a time; a lease not renewed
@@ -115,10 +113,12 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
         KeyValueConfig(
             bucket=PROMPTS_BUCKET,
             history=PROMPT_HISTORY,
+            direct=True,  # readers get entries directly (PromptFollower), from any replica
             storage=StorageType.FILE,
             replicas=replicas,
         ),
         max_consumers=PROMPTS_MAX_CONSUMERS,
+        allow_direct=True,  # and a bucket made before that learns it
     )
     await _ensure_lease_bucket(js, replicas)
 
@@ -392,11 +392,15 @@ async def _dead_letter(raw: Msg, reason: str, deliveries: int) -> None:
     meta = raw.metadata
     msg_id = f"dlq:{meta.stream}:{meta.sequence.stream}"
     js = raw._client.jetstream()  # the connection the message arrived on
-    await js.publish(
-        dead_letter_subject(raw.subject),
-        letter.model_dump_json().encode(),
-        stream=DLQ_STREAM,
-        headers={"Nats-Msg-Id": msg_id},
-        timeout=10.0,
+    await until_answered(  # the letter's id (the message's stream sequence) makes a repeat harmless
+        lambda: js.publish(
+            dead_letter_subject(raw.subject),
+            letter.model_dump_json().encode(),
+            stream=DLQ_STREAM,
+            headers={"Nats-Msg-Id": msg_id},
+            timeout=5.0,
+        ),
+        what=dead_letter_subject(raw.subject),
+        within=PUBLISH_RETRY_S,
     )
     log.error("dead-lettered %s: %s", raw.subject, reason)

@@ -63,7 +63,7 @@ from ratchet.contracts import (
     RunRequested,
     RunScored,
 )
-from ratchet.jetstream import app_user
+from ratchet.jetstream import PROMPT_SUBJECTS, PROMPTS_STREAM, app_user
 from ratchet.messaging import (
     DLQ_PREFIX,
     EVENTS_STREAM,
@@ -74,7 +74,7 @@ from ratchet.messaging import (
     inbox_prefix,
 )
 
-KV_STREAM = f"KV_{PROMPTS_BUCKET}"
+KV_STREAM = PROMPTS_STREAM
 JS_API = "$JS.API"
 ADMIN = "admin"
 POLICY_APPROVER = "policy"  # the policy approver service decides under this name
@@ -331,19 +331,19 @@ def permissions(user: str, role: Role) -> dict[str, object]:
             f"$JS.ACK.{EVENTS_STREAM}.{durable}.>",
             dead_letter_subject(subject),
         ]
-    if role.reads_prompts:  # KV get, history and watch (ordered, ephemeral, flow-controlled)
-        # No CONSUMER.DELETE: nats-py's watch never deletes its consumer; the server drops it
-        # once idle. Nor a named CREATE: no reader can make a durable consumer on the bucket.
+    subscribe = [f"{inbox_prefix(user)}.>", *role.subscribe]
+    if role.reads_prompts:  # direct gets and message gets, and the writes passing by
+        # No consumer on the bucket for a reader: the server cannot check what a consumer
+        # request asks for (its delivery subject, how long it lives), so readers follow the
+        # prompts without one (ratchet.prompts.PromptFollower).
         publish += [
             f"{JS_API}.DIRECT.GET.{KV_STREAM}.>",
             f"{JS_API}.STREAM.MSG.GET.{KV_STREAM}",
-            f"{JS_API}.CONSUMER.CREATE.{KV_STREAM}",  # the watch's nameless consumer
-            f"{JS_API}.CONSUMER.INFO.{KV_STREAM}.*",  # which the watch reads back
-            f"$JS.FC.{KV_STREAM}.>",  # and answers the flow control of
         ]
+        subscribe.append(PROMPT_SUBJECTS)
     rules: dict[str, object] = {
         "publish": {"allow": publish},
-        "subscribe": {"allow": [f"{inbox_prefix(user)}.>", *role.subscribe]},
+        "subscribe": {"allow": subscribe},
     }
     if role.answers_queries:
         rules["allow_responses"] = True

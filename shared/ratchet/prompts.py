@@ -1,9 +1,9 @@
 """The prompt store: task prompts in a JetStream key-value bucket, one key per task.
 
 The bucket keeps history, so every version stays readable and the KV revision is the version
-number. Everyone reads (:class:`PromptReader` watches the bucket so a new version takes effect
-without a restart); only the gatekeeper writes (:class:`PromptWriter`), and the NATS server
-refuses a write from any other user.
+number. Everyone reads (:class:`PromptFollower` follows the bucket, without a consumer, so a new
+version takes effect without a restart); only the gatekeeper writes (:class:`PromptWriter`), and
+the NATS server refuses a write from any other user.
 """
 
 from __future__ import annotations
@@ -12,20 +12,33 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import datetime
 from typing import Literal, NamedTuple, Protocol
 
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.api import RawStreamMsg
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ratchet.jetstream import PROMPTS_BUCKET
+from ratchet.jetstream import (
+    KEY_PREFIX,
+    PROMPT_HISTORY,
+    PROMPT_SUBJECTS,
+    PROMPTS_BUCKET,
+    PROMPTS_STREAM,
+)
 
 log = logging.getLogger("ratchet.prompts")
 
 DEFAULT_PROMPT = "Complete the user's task."
+RESYNC_S = 15.0  # how often a follower checks that it missed no write (while disconnected)
+NOTICE_TRIES = 20  # reads of a key after a write passed by, NOTICE_WAIT_S apart, until it shows
+NOTICE_WAIT_S = 0.05
 
 
 def sha256_text(text: str) -> str:
@@ -103,50 +116,150 @@ class StaleVersionError(RuntimeError):
     """The prompt changed since the version a write was based on (compare-and-set failed)."""
 
 
-class PromptReader:
-    """A live, read-only view of the current prompt of every task."""
+class PromptFollower:
+    """Follows every task's current prompt without a JetStream consumer.
 
-    def __init__(self, js: JetStreamContext) -> None:
-        self._js = js
-        self._current: dict[str, PromptVersion] = {}
-        self._watch_task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
+    Readers may not create consumers on the bucket: the server cannot check what a consumer
+    request asks for (its delivery subject, how long it lives), so one reader could fill the
+    bucket's consumer limit or have prompts delivered onto subjects it may not publish. Instead a
+    reader subscribes to the bucket's subjects in core NATS, where every write passes by, and
+    reads the written key again with a direct get: the message seen in passing is only a hint
+    (a compare-and-set write the stream refused passes by as well), the stored entry is the
+    truth. A snapshot at start (the bucket's keys from stream info) and a cheap check every
+    ``resync_s`` (has the stream's last sequence moved?) catch whatever passed by while the
+    connection was down. Versions only move forward, so a read from a lagging replica cannot
+    take one back.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        on_version: Callable[[str, PromptVersion | None], None],
+        *,
+        resync_s: float = RESYNC_S,
+    ) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._on_version = on_version  # (task, its newest version; None once deleted)
+        self._resync_s = resync_s
+        self._versions: dict[str, int] = {}
+        self._last_seq = -1
+        self._sub: Subscription | None = None
+        self._sync_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        kv = await self._js.key_value(PROMPTS_BUCKET)
-        watcher = await kv.watchall()
-        self._watch_task = asyncio.create_task(self._follow(watcher))
-        await asyncio.wait_for(self._ready.wait(), timeout=10)
+        """Subscribe first (so no write slips between the snapshot and the subscription), then
+        read every task's current prompt."""
+        self._sub = await self._nc.subscribe(PROMPT_SUBJECTS, cb=self._notice)
+        try:
+            await self.resync()
+        except BaseException:
+            await self.stop()
+            raise
+        self._sync_task = asyncio.create_task(self._keep_in_sync())
 
     async def stop(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+                await self._sync_task
+            self._sync_task = None
+        if self._sub is not None:
+            with contextlib.suppress(Exception):  # a closed connection has no subscription left
+                await self._sub.unsubscribe()
+            self._sub = None
 
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+    async def resync(self) -> None:
+        """Read every task's current prompt again."""
+        info = await self._js.stream_info(PROMPTS_STREAM, subjects_filter=PROMPT_SUBJECTS)
+        tasks = [subject.removeprefix(KEY_PREFIX) for subject in info.state.subjects or {}]
+        for task in tasks:
+            await self.refresh(task)
+        for gone in set(self._versions) - set(tasks):  # purged with its history
+            self._apply(gone, None)
+        self._last_seq = info.state.last_seq
+
+    async def refresh(self, task: str, *, after: int | None = None) -> None:
+        """Read ``task``'s current prompt. ``after``: the version a write was based on, so the
+        read is repeated (a moment apart, ``NOTICE_TRIES`` times) until the store holds a newer
+        one; a refused write never gets there, and the last read stands."""
+        for attempt in range(NOTICE_TRIES):
+            try:
+                stored = await read_current(self._js, task)
+            except ValidationError as exc:  # keep serving the last good version
+                log.error("prompt %s: the stored version is malformed: %s", task, exc)
+                return
+            if after is None or (stored is not None and stored.version > after):
+                break
+            if attempt < NOTICE_TRIES - 1:
+                await asyncio.sleep(NOTICE_WAIT_S)
+        self._apply(task, stored)
+
+    def _apply(self, task: str, stored: PromptVersion | None) -> None:
+        known = self._versions.get(task)
+        if stored is None:
+            if known is not None:
+                del self._versions[task]
+                self._on_version(task, None)
+            return
+        if known is not None and stored.version <= known:
+            return
+        self._versions[task] = stored.version
+        log.info("prompt %s is now version %s", task, stored.version)
+        self._on_version(task, stored)
+
+    async def _notice(self, msg: Msg) -> None:
+        """A write passed by: read the key again (the message itself is not trusted)."""
+        task = msg.subject.removeprefix(KEY_PREFIX)
+        headers = msg.headers or {}
+        deleted = headers.get("KV-Operation") in (KV_DEL, KV_PURGE)
+        expected = headers.get("Nats-Expected-Last-Subject-Sequence", "")
+        after = int(expected) if expected.isdigit() and not deleted else None
         try:
-            async for entry in watcher:
-                if entry is None:  # the initial values have all arrived
-                    self._ready.set()
-                    continue
-                if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                    self._current.pop(entry.key, None)
-                    continue
-                self._current[entry.key] = entry_version(entry)
-                log.info("prompt %s is now version %s", entry.key, entry.revision)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            await self.refresh(task, after=after)
+        except Exception as exc:  # the next resync reads it again
+            log.warning("prompt %s changed but could not be read: %r", task, exc)
+
+    async def _keep_in_sync(self) -> None:
+        while True:
+            await asyncio.sleep(self._resync_s)
+            try:
+                info = await self._js.stream_info(PROMPTS_STREAM)
+                if info.state.last_seq != self._last_seq:
+                    await self.resync()
+            except Exception as exc:  # disconnected: serve what we have, try again later
+                log.warning("cannot check the prompt store: %r", exc)
+
+
+class PromptReader:
+    """A live, read-only view of the current prompt of every task (:class:`PromptFollower`)."""
+
+    def __init__(self, nc: Client) -> None:
+        self._current: dict[str, PromptVersion] = {}
+        self._follower = PromptFollower(nc, self._on_version)
+
+    def _on_version(self, task: str, stored: PromptVersion | None) -> None:
+        if stored is None:
+            self._current.pop(task, None)
+        else:
+            self._current[task] = stored
+
+    async def start(self) -> None:
+        await asyncio.wait_for(self._follower.start(), timeout=10)
+
+    async def stop(self) -> None:
+        await self._follower.stop()
 
     def current(self, task: str) -> PromptVersion | None:
         return self._current.get(task)
 
     async def wait_for_version(self, task: str, version: int, timeout: float = 10.0) -> None:
-        """Block until the watch has delivered ``version`` (a write is seen a moment later)."""
+        """Block until ``version`` (or a later one) is seen; reads the store while waiting."""
         deadline = asyncio.get_running_loop().time() + timeout
         while (seen := self._current.get(task)) is None or seen.version < version:
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(f"prompt {task!r} version {version} not seen after {timeout}s")
+            await self._follower.refresh(task)
             await asyncio.sleep(0.02)
 
 
@@ -179,34 +292,52 @@ class PromptWriter:
 
 
 async def read_current(js: JetStreamContext, task: str) -> PromptVersion | None:
-    """One-off read of a task's current prompt (no watch)."""
-    kv = await js.key_value(PROMPTS_BUCKET)
+    """One read of a task's current prompt (a direct get: no consumer); None if it has none."""
+    subject = KEY_PREFIX + task
     try:
-        entry = await kv.get(task)
-    except KeyNotFoundError:
+        msg = await js.get_msg(PROMPTS_STREAM, subject=subject, direct=True)
+    except NotFoundError:
         return None
-    return entry_version(entry)
+    if msg.subject != subject:  # a task name is never a wildcard; refuse one that acts as such
+        return None
+    return _stored_version(task, msg)
 
 
 async def read_history(js: JetStreamContext, task: str) -> list[PromptVersion]:
-    """Every stored version of a task's prompt, oldest first."""
-    kv = await js.key_value(PROMPTS_BUCKET)
-    try:
-        entries = await kv.history(task)
-    except (NoKeysError, NatsTimeoutError):
-        return []
-    return [entry_version(e) for e in entries if e.value and e.operation not in (KV_DEL, KV_PURGE)]
+    """Every stored version of a task's prompt, oldest first (one message get per version: the
+    bucket keeps at most ``PROMPT_HISTORY`` of them)."""
+    subject = KEY_PREFIX + task
+    versions: list[PromptVersion] = []
+    seq = 1
+    for _ in range(PROMPT_HISTORY + 1):
+        try:
+            msg = await js.get_msg(PROMPTS_STREAM, seq=seq, subject=subject, next=True)
+        except NotFoundError:
+            break
+        if msg.subject != subject or msg.seq is None:
+            break
+        stored = _stored_version(task, msg)
+        if stored is not None:
+            versions.append(stored)
+        seq = msg.seq + 1
+    return versions
 
 
-def entry_version(entry: KeyValue.Entry) -> PromptVersion:
-    """The version a prompt-store entry holds (every reader parses entries this way)."""
-    assert entry.value is not None and entry.revision is not None
-    created = (
-        datetime.fromtimestamp(entry.created / 1e9, UTC) if isinstance(entry.created, int) else None
-    )
+async def list_tasks(js: JetStreamContext) -> list[str]:
+    """The tasks that have a prompt (from the bucket's stream info: no consumer)."""
+    info = await js.stream_info(PROMPTS_STREAM, subjects_filter=PROMPT_SUBJECTS)
+    tasks = [subject.removeprefix(KEY_PREFIX) for subject in info.state.subjects or {}]
+    return sorted([task for task in tasks if await read_current(js, task) is not None])
+
+
+def _stored_version(task: str, msg: RawStreamMsg) -> PromptVersion | None:
+    """The version a stored message holds; None for a deletion marker."""
+    headers = msg.headers or {}
+    if headers.get("KV-Operation") in (KV_DEL, KV_PURGE) or not msg.data or msg.seq is None:
+        return None
     return PromptVersion(
-        task=entry.key,
-        version=entry.revision,
-        record=PromptRecord.model_validate_json(entry.value),
-        created=created,
+        task=task,
+        version=msg.seq,
+        record=PromptRecord.model_validate_json(msg.data),
+        created=msg.time,
     )

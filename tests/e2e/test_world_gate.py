@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 
 from ratchet.cli.client import fetch_trail
 from ratchet.cli.up import Stack, start_stack
-from ratchet.contracts import ChangeProposed, ChangeRecorded, Measurement
+from ratchet.contracts import GATE_RUN_PREFIX, ChangeProposed, ChangeRecorded, Measurement
 from ratchet.evidence import VERDICTS, describe, describe_after
 from ratchet.messaging import EVENTS_STREAM, connect
 from ratchet.natsproc import free_port
@@ -227,6 +227,7 @@ async def drive(stack: Stack) -> dict[str, Decided]:
         ):
             trail = [r.model_dump(mode="json") for r in await fetch_trail(nc, change_id)]
             assert after is not None
+            ours = f"{GATE_RUN_PREFIX}{change_id}."  # the change's gate runs
             decided[name] = Decided(
                 change=ChangeProposed.model_validate(
                     next(r["payload"] for r in trail if r["kind"] == "received")
@@ -234,10 +235,8 @@ async def drive(stack: Stack) -> dict[str, Decided]:
                 trail=trail,
                 events=observer.subjects(change_id),
                 prompt_after=after,
-                completed={
-                    k: v for k, v in observer.completed.items() if k.startswith(f"{change_id}.")
-                },
-                scored={k: v for k, v in observer.scored.items() if k.startswith(f"{change_id}.")},
+                completed={k: v for k, v in observer.completed.items() if k.startswith(ours)},
+                scored={k: v for k, v in observer.scored.items() if k.startswith(ours)},
                 issued=issued.get(change_id, set()),
             )
         return decided

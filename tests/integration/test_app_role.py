@@ -104,7 +104,7 @@ async def test_the_server_refuses_an_app_everything_but_its_own_reports(server: 
 async def test_an_app_reads_and_watches_the_prompts(server: LocalNats) -> None:
     gatekeeper = await connect(server.settings_for("gatekeeper"), name="test-gatekeeper")
     app = await connect(server.settings_for(app_user(SHOP)), name="test-app")
-    reader = PromptReader(app.jetstream())
+    reader = PromptReader(app)
     try:
         await reader.start()
         kv = await gatekeeper.jetstream().key_value(PROMPTS_BUCKET)

@@ -124,9 +124,14 @@ def stored_runs(home: Path, run_ids: set[str]) -> dict[str, float]:
     if not path.exists():
         return {}
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
-        rows = db.execute(
-            "SELECT run_id, scored FROM runs WHERE completed IS NOT NULL AND scored IS NOT NULL"
-        ).fetchall()
+        try:
+            rows = db.execute(
+                "SELECT run_id, scored FROM runs WHERE completed IS NOT NULL AND scored IS NOT NULL"
+            ).fetchall()
+        except sqlite3.OperationalError as exc:  # made, but its tables not yet: nothing stored
+            if "no such table" not in str(exc):
+                raise
+            return {}
     return {
         run_id: float(json.loads(scored)["score"]) for run_id, scored in rows if run_id in run_ids
     }

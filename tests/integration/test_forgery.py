@@ -266,7 +266,7 @@ async def test_a_client_cannot_forge_the_measurement(stack: Stack, forger: Forge
     with policy_approver(stack.settings):
         # 1. the gate's own subject is closed to the client: the server refuses the publish
         refused = GateRunRequested(
-            run_id=f"forged-gate-{secrets.token_hex(4)}",
+            run_id=f"gate:forged-{secrets.token_hex(4)}",
             task=DEMO.name,
             input=DEMO.gate[0].input,
             check=PASS_ANYTHING,
@@ -370,6 +370,69 @@ async def test_a_client_cannot_forge_the_measurement(stack: Stack, forger: Forge
     for run_id in (refused.run_id, disguised.run_id):
         assert run_id not in forger.completed and run_id not in forger.scored
     assert len(letters_for(disguised.run_id)) == 1
+
+
+async def test_a_client_cannot_take_the_gate_run_ids_it_reads(stack: Stack, forger: Forger) -> None:
+    """Found in review: the client may read ``run.scored``, so the first gate scores showed it
+    the change's nonce, and a live run published under a gate run id not yet requested
+    completed first; JetStream then dropped the gate run's own ``run.completed`` as a repeat of
+    that id, and the measurement waited for scores that never came (a change held for about an
+    hour, then dead-lettered). Gate run ids now start with ``gate:``, and no live run may have a
+    ':' in its id: the forged requests are dead-lettered with the reason and the measurement is
+    whole."""
+    assert forger.nc is not None
+    nc = forger.nc
+    await make_honest_failures(nc)
+    change = await propose(nc)
+    await until(
+        lambda: any(s.context.purpose == "gate" for s in forger.scored.values()),
+        "the first gate score",
+    )
+    seen = next(s.run_id for s in forger.scored.values() if s.context.purpose == "gate")
+    prefix = seen[: seen.index(".measure.")]  # gate:<change>.<nonce>, read off the wire
+    assert prefix.startswith(f"gate:{change.change_id}.")
+    forged = [
+        {
+            "id": f"forged-{secrets.token_hex(8)}",
+            "run_id": f"{prefix}.measure.{arm}.{case.id}.0",
+            "task": DEMO.name,
+            "input": case.input,
+            "check": (PASS_ANYTHING if arm == "candidate" else PASS_NOTHING).model_dump(),
+        }
+        for case in DEMO.gate
+        for arm in ("candidate", "current")
+    ]
+    js = nc.jetstream()
+    for body in forged:  # raw JSON: the client's own copy of the contract would refuse them
+        await js.publish(
+            RunRequested.subject,
+            json.dumps(body).encode(),
+            headers={"Nats-Msg-Id": f"{RunRequested.subject}:{body['id']}"},
+            timeout=10,
+        )
+    forged_ids = {str(body["run_id"]) for body in forged}
+
+    def letters() -> list[dict[str, Any]]:
+        return [
+            letter
+            for letter in forger.letters
+            if letter["subject"] == RunRequested.subject
+            and json.loads(letter["payload"])["run_id"] in forged_ids
+        ]
+
+    await until(lambda: len(letters()) == len(forged), "every forged request dead-lettered")
+    assert all("may not contain ':'" in letter["reason"] for letter in letters())
+    await trail_until(nc, change.change_id, lambda k: "measured" in k, "the measurement")
+    trail = await cli_json(stack, "show", change.change_id)
+    measurement = Measurement.model_validate(
+        next(r for r in trail if r["kind"] == "measured")["payload"]
+    )
+    assert measurement.unscored == 0
+    assert measurement.runs == 2 * measurement.cases * measurement.repeats
+    # every gate run the client saw scored was scored as the gate run it is, once
+    gate_scores = [s for s in forger.scored.values() if s.run_id.startswith("gate:")]
+    assert gate_scores and all(s.context.purpose == "gate" for s in gate_scores)
+    assert len(letters()) == len(forged)
 
 
 async def decide(

@@ -20,6 +20,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.errors import KeyWrongLastSequenceError
 
 from ratchet.contracts import (
     Attributed,
@@ -31,6 +32,7 @@ from ratchet.contracts import (
     RunReported,
     RunScored,
 )
+from ratchet.jetstream import app_user
 from ratchet.messaging import EVENTS_STREAM, LEASE_BUCKET, PROMPTS_BUCKET, connect
 from ratchet.natsconf import (
     CONSOLE,
@@ -211,11 +213,16 @@ def _matrix(table: dict[str, Role]) -> list[Act]:
         return user == "gatekeeper"
 
     acts = []
-    for subject in [*events, *EVERY_QUERY, f"$KV.{PROMPTS_BUCKET}.answer-only"]:
+    for subject in [*events, *EVERY_QUERY]:
         acts += [
             Act("publish", subject, names(subject)),
             Act("subscription", subject, hears(subject)),
         ]
+    prompt_key = f"$KV.{PROMPTS_BUCKET}.answer-only"
+    acts += [
+        Act("publish", prompt_key, names(prompt_key)),
+        Act("subscription", prompt_key, reader),
+    ]
     for subject in events:
         letter = f"dlq.{subject}"
 
@@ -237,10 +244,13 @@ def _matrix(table: dict[str, Role]) -> list[Act]:
             Act("publish", f"$JS.ACK.{EVENTS_STREAM}.{durable}.1.7.7.1700000000.0", own(durable)),
         ]
     acts += [
-        Act("publish", f"$JS.API.CONSUMER.CREATE.{KV_STREAM}", reader),
+        # readers follow the prompts with gets and the writes passing by, never a consumer
+        Act("publish", f"$JS.API.CONSUMER.CREATE.{KV_STREAM}", nobody),
+        Act("publish", f"$JS.API.CONSUMER.CREATE.{KV_STREAM}.w.$KV.{PROMPTS_BUCKET}.>", nobody),
         Act("publish", f"$JS.API.CONSUMER.DELETE.{KV_STREAM}.watch", nobody),
         Act("publish", f"$JS.API.DIRECT.GET.{KV_STREAM}.$KV.{PROMPTS_BUCKET}.answer-only", reader),
-        Act("publish", f"$JS.FC.{KV_STREAM}.watch.1", reader),
+        Act("publish", f"$JS.API.STREAM.MSG.GET.{KV_STREAM}", reader),
+        Act("publish", f"$JS.FC.{KV_STREAM}.watch.1", nobody),
         Act("publish", f"$JS.FC.{EVENTS_STREAM}.evaluator.1", nobody),
         Act("publish", f"$JS.API.STREAM.DELETE.{EVENTS_STREAM}", nobody),
         Act("publish", f"$JS.API.STREAM.PURGE.{EVENTS_STREAM}", nobody),
@@ -402,30 +412,47 @@ async def test_dead_letters_are_written_by_services_for_their_own_subjects_only(
     assert _refused(await _publish_as(nats_server, "evaluator", "dlq.run.scored"), "dlq.run.scored")
 
 
-async def test_readers_cannot_delete_the_prompt_watchers_consumers(nats_server: LocalNats) -> None:
-    """Issue 9: reader roles could delete the prompt bucket's consumers (the executor's watch)."""
-    executor = await connect(nats_server.settings_for("executor"), name="executor")
-    admin = await connect(nats_server.settings_for("admin"), name="admin")
-    reader = PromptReader(executor.jetstream())
+async def test_no_reader_can_make_consumers_on_the_prompt_bucket(
+    server_with_a_person: LocalNats,
+) -> None:
+    """Found in review: any prompt reader (an app too) could create consumers on the bucket with
+    whatever settings it chose: 254 long-lived ones filled the bucket's limit, so no executor
+    could start its watch, and one with ``deliver_subject: run.scored`` had the server publish
+    prompt records where the reader may not. Readers now follow the bucket without a consumer
+    (direct gets, and the writes passing by in core NATS), and may create none."""
+    server = server_with_a_person
+    push = {
+        "stream_name": KV_STREAM,
+        "config": {"deliver_subject": "run.scored", "ack_policy": "none", "inactive_threshold": 0},
+    }
+    named = f"$JS.API.CONSUMER.CREATE.{KV_STREAM}.spy.$KV.{PROMPTS_BUCKET}.>"
+    for role in ("client", "proposer", "executor", "gatekeeper", POLICY, app_user(APPS[0])):
+        assert not await _api_as(server, role, f"$JS.API.CONSUMER.CREATE.{KV_STREAM}", push)
+        assert not await _api_as(server, role, named, push), role
+    admin = await connect(server.settings_for("admin"), name="admin")
+    executor = await connect(server.settings_for("executor"), name="executor")
+    gatekeeper = await connect(server.settings_for("gatekeeper"), name="gatekeeper")
+    reader = PromptReader(executor)
     try:
-        await reader.start()
-        [watch] = [c.name for c in await admin.jetstream().consumers_info(KV_STREAM)]
-        for role in ("client", "proposer", "executor", "gatekeeper", POLICY):
-            delete = f"$JS.API.CONSUMER.DELETE.{KV_STREAM}.{watch}"
-            assert not await _api_as(nats_server, role, delete, {}), role
-        assert [c.name for c in await admin.jetstream().consumers_info(KV_STREAM)] == [watch]
-        # and the watch still follows the store
-        gatekeeper = await connect(nats_server.settings_for("gatekeeper"), name="gatekeeper")
-        try:
-            kv = await gatekeeper.jetstream().key_value(PROMPTS_BUCKET)
-            version = await kv.put("answer-only", json.dumps({"text": "Answer."}).encode())
-        finally:
-            await gatekeeper.close()
-        await reader.wait_for_version("answer-only", version)
+        kv = await gatekeeper.jetstream().key_value(PROMPTS_BUCKET)
+        first = await kv.put("answer-only", json.dumps({"text": "Answer."}).encode())
+        await reader.start()  # the snapshot: a direct get per task
+        assert reader.current("answer-only").version == first  # type: ignore[union-attr]
+        second = await kv.update(
+            "answer-only", json.dumps({"text": "Answer in one word."}).encode(), last=first
+        )
+        await reader.wait_for_version("answer-only", second)
+        assert reader.current("answer-only").record.text == "Answer in one word."  # type: ignore[union-attr]
+        # a write the stream refuses (a stale compare-and-set) passes by too, and changes nothing
+        with pytest.raises(KeyWrongLastSequenceError):
+            await kv.update("answer-only", json.dumps({"text": "Stale."}).encode(), last=first)
+        await reader.wait_for_version("answer-only", second)
+        assert reader.current("answer-only").record.text == "Answer in one word."  # type: ignore[union-attr]
+        assert await admin.jetstream().consumers_info(KV_STREAM) == []
     finally:
         await reader.stop()
-        await executor.close()
-        await admin.close()
+        for nc in (executor, gatekeeper, admin):
+            await nc.close()
 
 
 async def test_no_user_hears_another_users_inbox(nats_server: LocalNats) -> None:

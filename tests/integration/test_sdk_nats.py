@@ -125,7 +125,7 @@ async def test_canary_split_is_the_executors(server: LocalNats) -> None:
     rules = load_rules(RULES)
     ratchet = await sdk(server)
     nc = await connect(server.settings_for("executor"), name="test-executor")
-    reader = PromptReader(nc.jetstream())
+    reader = PromptReader(nc)
     try:
         await reader.start()
         await reader.wait_for_version(TASK, version)

@@ -45,6 +45,7 @@ from ratchet.contracts import (
     ChangeKept,
     ChangePromoted,
     ChangeRecorded,
+    ChangeRejected,
     Event,
     RunContext,
     RunScored,
@@ -253,6 +254,49 @@ async def test_a_worse_change_approved_anyway_is_rolled_back_by_the_canary(
         writes=["change", "rollback"],
         final="canary_rolled_back",
     )
+
+
+async def test_a_reviewer_stops_a_canary_by_rejecting_the_change(harness: Harness) -> None:
+    """A rejection while the change is in canary stops it: the stable text is served again at
+    once (no waiting for the test), the trail says who stopped it and why, and a redelivered
+    rejection or later live scores change nothing."""
+    h = harness
+    change = proposal(GOOD)
+    approved = await propose_and_approve(h, change)
+    traffic = better_traffic(6)  # a few live runs, far from a verdict
+    await feed(h, traffic)
+    assert await status(h, change.change_id) == ("canary", ("canary_verdict",))
+
+    stop = ChangeRejected(
+        change_id=change.change_id,
+        reason="customers complain about the tone",
+        evidence_sha256=approved.evidence_sha256,
+    )
+    assert await h.runner.on_decision(stop, approved=False, approver="bob") is True
+    # redelivered: the change is over, the decision is ignored
+    assert await h.runner.on_decision(stop, approved=False, approver="bob") is False
+    await feed(h, better_traffic(400))  # the canary is over: nothing more counts
+
+    rolled_back = h.prompts.latest(TASK)
+    assert (rolled_back.version, rolled_back.record.kind) == (CANARY + 1, "rollback")
+    assert rolled_back.record.text == BASE and rolled_back.record.canary is None
+    [event] = events(h, ChangeCanaryRolledBack, change.change_id)
+    assert event.stats.verdict == "stopped"
+    assert event.stats.stable_runs + event.stats.canary_runs == len(traffic)
+    assert event.reason.startswith("stopped by a reviewer: rolled back")
+    [stopped] = [r for r in await h.store.audit(change.change_id) if r.kind == "canary_stopped"]
+    assert stopped.actor == "bob"
+    assert stopped.payload["approver"] == "bob"
+    assert stopped.payload["reason"] == "customers complain about the tone"
+    assert await h.kinds(change.change_id) == [
+        *KEPT,
+        "canary",
+        "canary_stopped",
+        "canary_rolled_back",
+    ]
+    assert [w.kind for w in h.prompts.writes] == ["change", "rollback"]
+    assert await status(h, change.change_id) == ("canary_rolled_back", ())
+    assert await h.ledger.unfinished() == []
 
 
 async def test_a_canary_not_shown_no_worse_within_its_runs_is_rolled_back(

@@ -210,7 +210,7 @@ async def test_gate_runs_and_pinned_runs_run_the_stored_record_itself(rules: Rul
 
     gate_runs = [
         await executor.execute(
-            GateRunRequested(task="answer-only", input=QUESTION, run_id=f"g{i}", context=gate)
+            GateRunRequested(task="answer-only", input=QUESTION, run_id=f"gate:g{i}", context=gate)
         )
         for i in range(20)
     ]

@@ -815,3 +815,40 @@ async def test_the_policy_approver_cannot_approve_a_change_under_a_margin(
     assert len(refused) == 1 and "needs a person" in refused[0].payload["why"]
     assert h.prompts.writes == [] and (await h.runner.status(change.change_id))[1] == ("decide",)
     assert await h.runner.on_decision(decision, approved=True, approver="alice") is True
+
+
+async def test_the_policy_approver_cannot_approve_on_a_pool_past_its_budget(
+    harness: Harness,
+) -> None:
+    """Held by the gatekeeper too, not only by the policy approver's own rule: past the pool's
+    budget, repeated proposals may have overfit it, and a person decides."""
+    h = harness
+    h.gate.settings = SETTINGS.model_copy(update={"pool_budget": 1})
+    first, second = proposal(GOOD, change_id="change-1"), proposal(GOOD, change_id="change-2")
+    await h.runner.on_proposed(first, proposer=PROPOSER)
+    await h.runner.on_proposed(second, proposer=PROPOSER)
+    [within, past] = h.bus.of_type(ChangeAwaitingApproval)
+    assert not within.measurement.pool_overused and past.measurement.pool_overused
+
+    assert (
+        await h.runner.on_decision(
+            approval(second, past.evidence_sha256), approved=True, approver="policy"
+        )
+        is False
+    )
+    refused = [r for r in await h.store.audit("change-2") if r.kind == "decision_refused"]
+    assert len(refused) == 1 and "past its budget" in refused[0].payload["why"]
+    assert (await h.runner.status("change-2"))[1] == ("decide",)
+    # a person may, and within budget the policy approver may
+    assert (
+        await h.runner.on_decision(
+            approval(second, past.evidence_sha256), approved=True, approver="alice"
+        )
+        is True
+    )
+    assert (
+        await h.runner.on_decision(
+            approval(first, within.evidence_sha256), approved=True, approver="policy"
+        )
+        is True
+    )

@@ -21,6 +21,7 @@ from ratchet.contracts import (
     EXAMPLE_CHARS,
     EXPECTED_JSON_CHARS,
     FAILURE_RUN_IDS,
+    GATE_RUN_PREFIX,
     GROUP_EXAMPLES,
     GROUPS,
     ID_CHARS,
@@ -131,7 +132,7 @@ BIGGEST: dict[str, Callable[[], BaseModel]] = {
     ),
     "run.gate.requested": lambda: GateRunRequested(
         id=ident(ID_CHARS),
-        run_id=ident(RUN_ID_CHARS),
+        run_id=ident(RUN_ID_CHARS, GATE_RUN_PREFIX),
         task="t" * NAME_CHARS,
         input=text(INPUT_CHARS),
         check=biggest_check(),

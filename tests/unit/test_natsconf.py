@@ -319,9 +319,10 @@ def test_an_approver_name_must_be_one_plain_subject_token(name: str) -> None:
 def test_an_app_may_read_prompts_and_publish_its_own_runs_and_nothing_else(
     users_: dict[str, dict[str, Any]],
 ) -> None:
-    """What the SDK in a user's service needs: the prompts (get, history, watch) and its own
-    ``run.reported.<app>``. No score, decision, proposal, prompt write, run request, query or
-    dead letter; no core subscription but its inbox."""
+    """What the SDK in a user's service needs: the prompts (gets, and the writes passing by) and
+    its own ``run.reported.<app>``. No score, decision, proposal, prompt write, run request,
+    query, dead letter or consumer on the prompts; no core subscription but its inbox and the
+    prompts' writes."""
     for name in INSTRUMENTED:
         user = app_user(name)
         role = TABLE[user]
@@ -331,7 +332,8 @@ def test_an_app_may_read_prompts_and_publish_its_own_runs_and_nothing_else(
         events = [s for s in allow if s.split(".")[0] in ("run", "failure", "change", "dlq")]
         assert events == [f"run.reported.{name}"], user
         assert not [s for s in allow if s.startswith((f"{QUERY_PREFIX}.", "$KV."))], user
-        assert subscribe_allow(users_, user) == [f"_INBOX_{user}.>"]
+        assert not [s for s in allow if ".CONSUMER." in s], user
+        assert subscribe_allow(users_, user) == [f"_INBOX_{user}.>", f"$KV.{PROMPTS_BUCKET}.>"]
         assert "allow_responses" not in users_[user]["permissions"]
 
 

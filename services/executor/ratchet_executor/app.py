@@ -46,7 +46,7 @@ def build_app(
             return
         connection = await connect(settings, name="executor-prompts")
         js = connection.jetstream()
-        reader = PromptReader(js)
+        reader = PromptReader(connection)
 
         async def latest_version(task: str) -> int | None:
             stored = await read_current(js, task)

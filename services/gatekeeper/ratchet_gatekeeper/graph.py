@@ -49,6 +49,7 @@ from langgraph.types import Checkpointer, interrupt
 from ratchet.audit import AnchorReading, AuditSigner, anchor_problem, announcement, signed_by
 from ratchet.canary import describe as describe_canary
 from ratchet.contracts import (
+    GATE_RUN_PREFIX,
     CanaryStats,
     ChangeApplied,
     ChangeAwaitingApproval,
@@ -281,7 +282,10 @@ class Gate:
         for case in cases:
             for arm, spec in arms.items():
                 for repeat in range(repeats):
-                    run_id = f"{change.change_id}.{nonce}.{stage}.{arm}.{case.id}.{repeat}"
+                    run_id = (
+                        f"{GATE_RUN_PREFIX}{change.change_id}.{nonce}.{stage}.{arm}.{case.id}"
+                        f".{repeat}"
+                    )
                     requests[run_id] = GateRunRequested(
                         id=f"{run_id}.requested",
                         run_id=run_id,

@@ -301,6 +301,30 @@ class GateLedger:
             )
         return self._cached(counted)
 
+    async def stop_canary(self, change_id: str) -> CanaryTally | None:
+        """A reviewer stopped the change's canary: its verdict is "stopped" with the counts so
+        far, unless the test decided first (then that verdict stands). None without a canary."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetchall(
+                f"SELECT {_TALLY_COLUMNS} FROM canaries WHERE change_id = ?{self.db.lock_rows}",
+                (change_id,),
+            )
+            if not rows:
+                return None
+            tally = _tally(rows[0])
+            if tally.decided is not None or tally.finished:
+                return tally
+            stopped = replace(
+                tally, decided=tally.stats().model_copy(update={"verdict": "stopped"})
+            )
+            assert stopped.decided is not None
+            await tx.execute(
+                "UPDATE canaries SET decided = ? WHERE change_id = ?",
+                (stopped.decided.model_dump_json(), change_id),
+            )
+        self._cached(stopped)
+        return stopped
+
     def _cached(self, tally: CanaryTally) -> CanaryTally | None:
         """Keep the newest counts of an unfinished canary in memory; None once finished."""
         if tally.finished:

@@ -19,7 +19,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
-from ratchet.contracts import ChangeDecision, ChangeProposed, RunScored
+from ratchet.contracts import ChangeDecision, ChangeProposed, Measurement, RunScored
 from ratchet.natsconf import POLICY_APPROVER
 from ratchet_gatekeeper.graph import Gate
 from ratchet_gatekeeper.lease import LeaseBusy, Leases
@@ -117,6 +117,15 @@ class GateRunner:
             # host that runs `ratchet up`
             why = "a change with a non-inferiority margin needs a person, not the policy approver"
             return await self._refuse(decision, approver, why)
+        measured = values.get("measurement")
+        if (
+            approved
+            and approver == POLICY_APPROVER
+            and measured is not None
+            and Measurement.model_validate(measured).pool_overused
+        ):  # the same reason: the budget holds whichever policy approver answers
+            why = "the gate pool is past its budget and may be overfit: a person must decide"
+            return await self._refuse(decision, approver, why)
         async with self.working(decision.change_id):
             return await self._decide(decision, approved=approved, approver=approver)
 
@@ -149,11 +158,30 @@ class GateRunner:
             await self.graph.ainvoke(None, self.config(decision.change_id))
             return True
         if pending == ("canary_verdict",):  # decided: the change is in canary now
+            if not approved:  # a reviewer stops it: rolled back like a canary shown worse
+                await self._stop_canary(decision, approver)
             return True
         if pending:  # the evidence exists, but a crash stopped the thread before the gate
             raise EarlyDecision(f"change {decision.change_id} is at {pending}, not at the gate yet")
         log.warning("decision for %s ignored: the change is already decided", decision.change_id)
         return False
+
+    async def _stop_canary(self, decision: ChangeDecision, approver: str) -> None:
+        """A rejection while the change is in canary stops the canary: audited with who and
+        why, then the canary ends as if its test had decided, with verdict "stopped"."""
+        await self.gate.audit(
+            decision.change_id,
+            "canary_stopped",
+            {"approver": approver, "reason": decision.reason},
+            actor=approver,
+            key=decision.id,
+        )
+        await self.gate.ledger.stop_canary(decision.change_id)
+        # the thread is ours (working): take the verdict now, as finish_canary would
+        tally = await self.gate.ledger.canary(decision.change_id)
+        if tally is not None and tally.decided is not None and not tally.finished:
+            verdict = tally.decided.model_dump(mode="json")
+            await self.graph.ainvoke(Command(resume=verdict), self.config(decision.change_id))
 
     async def on_scored(self, score: RunScored) -> None:
         """A score from ``run.scored``: a gate run's goes to the ledger; a live run's counts for

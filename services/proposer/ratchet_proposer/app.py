@@ -120,7 +120,7 @@ async def _watch_prompts(settings: Settings, resources: AsyncExitStack) -> Promp
     """The prompt store, watched over the proposer's own connection until ``resources`` close."""
     connection = await connect(settings, name="proposer-prompts")
     resources.push_async_callback(connection.close)
-    reader = PromptReader(connection.jetstream())
+    reader = PromptReader(connection)
     await reader.start()
     resources.push_async_callback(reader.stop)
     return reader

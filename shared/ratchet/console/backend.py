@@ -22,7 +22,6 @@ from pathlib import Path
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.errors import NoKeysError
 from pydantic import TypeAdapter
 
 from ratchet.audit import AuditKey, TrailReport
@@ -44,9 +43,9 @@ from ratchet.contracts import (
     ChangeRecorded,
     ChangeRejected,
 )
-from ratchet.messaging import PROMPTS_BUCKET, QUERY_PREFIX, connect
+from ratchet.messaging import QUERY_PREFIX, connect
 from ratchet.natsconf import CONSOLE, approver_user, console_sender
-from ratchet.prompts import PromptVersion
+from ratchet.prompts import PromptVersion, list_tasks
 from ratchet.queries import (
     MAX_FAILURES_PER_QUERY,
     ChangesQuery,
@@ -241,11 +240,7 @@ class Backend:
 
     async def tasks(self) -> list[str]:
         """The tasks with a stored prompt."""
-        kv = await self.nc.jetstream().key_value(PROMPTS_BUCKET)
-        try:
-            return sorted(await kv.keys())
-        except NoKeysError:
-            return []
+        return await list_tasks(self.nc.jetstream())
 
     async def history(self, task: str) -> list[PromptVersion]:
         return await stored_history(self.nc, task)

@@ -26,13 +26,11 @@ from typing import TYPE_CHECKING, Any
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
-from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ratchet.contracts import Check, RunReported, TokenUsage, TraceStep, new_id
-from ratchet.jetstream import PROMPTS_BUCKET, app_user, inbox_prefix, publish_js
-from ratchet.prompts import entry_version
+from ratchet.jetstream import app_user, inbox_prefix, publish_js
+from ratchet.prompts import PromptFollower, PromptVersion
 from ratchet.rules import load_rules
 from ratchet.sdk.report import Expected, ReportError, Trace, build_report
 from ratchet.sdk.served import Prompt, PromptCache
@@ -118,6 +116,8 @@ class Ratchet:
         self._prompt_arrived = asyncio.Event()  # replaced by a fresh one at each arrival
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._follower: PromptFollower | None = None
+        self._resyncs: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
@@ -235,42 +235,37 @@ class Ratchet:
         )
         self._nc, self._js = nc, nc.jetstream()
         self._connected.set()
-        await self._follow_prompts(self._js)
+        await self._follow_prompts(nc)
 
-    async def _follow_prompts(self, js: JetStreamContext) -> None:
-        """The KV watch of the prompt bucket. Once it runs, nats-py's ordered consumer recreates
-        itself after a lost connection or a restarted server; until it runs, keep trying."""
+    async def _follow_prompts(self, nc: Client) -> None:
+        """Follow the prompt bucket (:class:`PromptFollower`); until the first snapshot is read
+        (not connected yet, no bucket yet), keep trying. Once it runs, it reads whatever
+        changed while the connection was down at its next check."""
         delay = RETRY_FIRST_S
         while True:
+            follower = PromptFollower(nc, self._apply)
             try:
-                watcher = await (await js.key_value(PROMPTS_BUCKET)).watchall()
+                await follower.start()
             except Exception as exc:  # not connected yet, no bucket yet, a timeout
-                self._last_error = f"cannot watch the prompts: {exc!r}"
+                self._last_error = f"cannot read the prompts: {exc!r}"
                 self._note("watch", self._last_error)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, RETRY_MAX_S)
                 continue
-            try:
-                async for entry in watcher:
-                    self._apply(entry)
-            finally:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()  # type: ignore[no-untyped-call]
-
-    def _apply(self, entry: KeyValue.Entry | None) -> None:
-        if entry is None:  # the snapshot is complete
+            self._follower = follower
             self._prompts_ready.set()
             self._save()
             return
-        if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-            self._cache.remove(entry.key)
+
+    def _apply(self, task: str, stored: PromptVersion | None) -> None:
+        if stored is None:
+            self._cache.remove(task)
         else:
             try:
-                self._cache.update(entry_version(entry))
-            except (ValidationError, ValueError) as exc:  # keep serving the last good one
-                log.error("prompt %s version %s is malformed: %s", entry.key, entry.revision, exc)
+                self._cache.update(stored)
+            except ValueError as exc:  # keep serving the last good one
+                log.error("prompt %s version %s is malformed: %s", task, stored.version, exc)
                 return
-            log.info("prompt %s is now version %s", entry.key, entry.revision)
         arrived, self._prompt_arrived = self._prompt_arrived, asyncio.Event()
         arrived.set()
         if self._prompts_ready.is_set():
@@ -406,7 +401,9 @@ class Ratchet:
             return self._pending
         self._closed = True
         left = await self.flush(timeout) if timeout > 0 else self._pending
-        await asyncio.gather(*(_stop(task) for task in self._tasks))
+        await asyncio.gather(*(_stop(task) for task in [*self._tasks, *self._resyncs]))
+        if self._follower is not None:
+            await self._follower.stop()
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):  # a connection already lost has nothing to say
                 await self._nc.close()
@@ -480,6 +477,16 @@ class Ratchet:
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS")
+        if self._follower is not None and not self._closed:  # read what changed meanwhile
+            resync = asyncio.create_task(self._resync(self._follower))
+            self._resyncs.add(resync)
+            resync.add_done_callback(self._resyncs.discard)
+
+    async def _resync(self, follower: PromptFollower) -> None:
+        try:
+            await follower.resync()
+        except Exception as exc:  # its next periodic check tries again
+            self._note("watch", f"cannot read the prompts after reconnecting: {exc!r}")
 
     def _note(self, kind: str, message: str) -> None:
         """A warning, at most once per ``LOG_EVERY_S`` of each kind (a server down for an hour
