@@ -4,14 +4,15 @@ No reply may be larger than NATS carries (a reply over the server's max_payload 
 and the asker only sees a timeout). Replies that are lists are cut to ``REPLY_BYTES`` by
 :func:`list_reply`, which says what it left out in the ``Ratchet-Trimmed`` header (the CLI shows
 it), after :func:`shortened_to_fit` has tried shorter texts; the audit trail is read in pages
-(:class:`AuditPage`).
+(:class:`AuditPage`), and so may the failures be (:class:`FailuresQuery` with ``paged``, answered
+by a :class:`FailuresPage`), each failure whole.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Literal, TypeVar
+from typing import Literal, Self, TypeVar
 
 from faststream.nats import NatsResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -25,7 +26,7 @@ from ratchet.contracts import (
     Check,
     GateStage,
 )
-from ratchet.store import AuditRecord
+from ratchet.store import AuditRecord, FailureQuery, FailureRecord
 
 REPLY_BYTES = MAX_MESSAGE_BYTES  # like every message: room for headers under NATS's 1 MiB
 TRIMMED_HEADER = "Ratchet-Trimmed"
@@ -87,6 +88,60 @@ def shortened_to_fit(
 
 def _size(items: Sequence[BaseModel]) -> int:
     return 2 + sum(len(item.model_dump_json().encode()) + 1 for item in items)
+
+
+class FailureKey(BaseModel):
+    """Where a failure stands in the newest-first order every failure query uses: by
+    ``logged_at``, then by ``run_id``, both descending (how the stores sort them)."""
+
+    logged_at: AwareDatetime
+    run_id: str
+
+    @classmethod
+    def of(cls, failure: FailureRecord) -> Self:
+        return cls(logged_at=failure.logged_at, run_id=failure.run_id)
+
+
+class FailuresQuery(FailureQuery):
+    """``query.failures``: the stored failures matching the filters, newest first, at most
+    ``limit`` (``MAX_FAILURES_PER_QUERY`` at most).
+
+    Without ``paged`` the reply is a plain JSON array that holds every failure asked for, its
+    long texts shortened if that is what it takes to fit in one reply (the proposer reads them
+    so); with ``paged`` it is a :class:`FailuresPage` of whole failures, as many as fit, and a
+    reader asks again ``after`` the last one until no ``more`` remain (``ratchet failures``)."""
+
+    after: FailureKey | None = Field(
+        default=None,
+        description="Only failures after this one in the newest-first order (older ones, or "
+        "ones logged at the same instant with a smaller run_id): the key of the last failure "
+        "of the page before.",
+    )
+    paged: bool = Field(
+        default=False,
+        description="Reply with a FailuresPage of whole failures instead of one array whose "
+        "texts may be shortened to fit.",
+    )
+
+
+class FailuresPage(BaseModel):
+    """One reply of a paged ``query.failures``: failures whole (within the message limits),
+    newest first, as many of those asked for as fit in one reply; never empty while any
+    remain."""
+
+    failures: list[FailureRecord]
+    more: bool = Field(
+        description="Failures matching the query follow these: ask again with ``after`` set "
+        "to the last one's key (and ``limit`` to how many more are wanted)."
+    )
+
+    def next_query(self, query: FailuresQuery, remaining: int) -> FailuresQuery | None:
+        """What to ask for the page after this one (``query`` asked for this one) when
+        ``remaining`` more failures are wanted; None when there is nothing more to ask."""
+        if not (self.more and self.failures) or remaining <= 0:
+            return None
+        update = {"after": FailureKey.of(self.failures[-1]), "limit": remaining, "paged": True}
+        return query.model_copy(update=update)
 
 
 class FailureCount(BaseModel):

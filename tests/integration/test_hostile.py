@@ -19,14 +19,17 @@ import pytest
 from conftest import cli, trail_reaching
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from pydantic import TypeAdapter
 
 from ratchet.cli.client import submit_and_wait
 from ratchet.cli.up import Stack, start_stack
-from ratchet.contracts import OUTPUT_CHARS, Check, RunRequested
-from ratchet.messaging import DLQ_STREAM, connect, dead_letter_subject, publish_js
+from ratchet.contracts import OUTPUT_CHARS, Check, RunRequested, utcnow
+from ratchet.messaging import DLQ_STREAM, QUERY_PREFIX, connect, dead_letter_subject, publish_js
 from ratchet.natsproc import free_port
 from ratchet.prompts import read_current
+from ratchet.queries import REPLY_BYTES, TRIMMED_HEADER, FailureKey, FailuresPage, FailuresQuery
 from ratchet.settings import GateSettings, ModelSettings, Settings
+from ratchet.store import FailureQuery, FailureRecord
 
 TASK = "answer-only"
 QUESTION, ANSWER = "What is 7 + 5?", "12"  # a demo case: the agent answers "The answer is: 12."
@@ -217,14 +220,39 @@ async def test_a_message_of_an_unknown_version_or_over_a_limit_is_dead_lettered_
     assert letter["reason"] == reason and letter["deliveries"] == 1
 
 
-@pytest.fixture
-def flood_stack(tmp_path: Path) -> Iterator[Stack]:
-    running = start_stack(settings(tmp_path, "flood"))
+@pytest.fixture(scope="module")
+def flood_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    flooding = settings(tmp_path_factory.mktemp("flood"), "flood")
+    # an approved change is checked on a few cases only: each run floods
+    gate = flooding.gate.model_copy(update={"verify_cases": 4, "holdout_cases": 4})
+    running = start_stack(flooding.model_copy(update={"gate": gate}))
     yield running
     running.stop()
 
 
-async def test_a_700_kb_output_is_cut_recorded_and_show_and_failures_still_work(
+async def flood_failures(stack: Stack, count: int) -> set[str]:
+    """``count`` runs of the flooding agent, all failures; their run ids."""
+    assert stack.nats is not None
+    nc = await connect(stack.nats.settings_for("client"), name="test-flood")
+    requests = [
+        RunRequested(task=TASK, input=QUESTION, check=Check(kind="exact", expected=ANSWER))
+        for _ in range(count)
+    ]
+    try:
+        for start in range(0, count, 22):  # a batch at a time: each run is 700 KB of output
+            done = await asyncio.gather(
+                *(
+                    submit_and_wait(nc, r, timeout=120, threshold=0.7)
+                    for r in requests[start : start + 22]
+                )
+            )
+            assert all(logged for _, _, logged in done)
+    finally:
+        await nc.close()
+    return {r.run_id for r in requests}
+
+
+async def test_a_700_kb_output_is_cut_recorded_and_show_approve_and_failures_still_work(
     flood_stack: Stack,
 ) -> None:
     assert flood_stack.nats is not None
@@ -239,37 +267,81 @@ async def test_a_700_kb_output_is_cut_recorded_and_show_and_failures_still_work(
     assert score.problems[-1].startswith("the output was cut to its limit")
 
     listed = cli(flood_stack, "failures", "--task", TASK, "--json")
-    assert listed.returncode == 0, listed.stderr
+    assert listed.returncode == 0 and listed.stderr == "", listed.stderr
     [failure] = json.loads(listed.stdout)
     assert failure["run_id"] == run.run_id and len(failure["output"]) == OUTPUT_CHARS
     shown = cli(flood_stack, "failures", "--task", TASK)
     assert shown.returncode == 0 and run.run_id in shown.stdout, shown.stderr
 
-    # 45 such failures are more than one reply carries: their texts are shortened to fit, and
-    # the CLI says so
-    nc = await connect(flood_stack.nats.settings_for("client"), name="test-flood")
-    try:
-        more = [RunRequested(task=TASK, input=QUESTION, check=Check(kind="exact", expected="12"))
-                for _ in range(44)]  # fmt: skip
-        for batch in (more[:22], more[22:]):
-            await asyncio.gather(
-                *(submit_and_wait(nc, r, timeout=120, threshold=0.7) for r in batch)
-            )
-    finally:
-        await nc.close()
-    many = cli(flood_stack, "failures", "--task", TASK, "--limit", "45", "--json")
-    assert many.returncode == 0, many.stderr
-    got = json.loads(many.stdout)
-    assert len(got) == 45 and {len(f["output"]) for f in got} == {4_000}
-    assert many.stderr.startswith(
-        "ratchet: the failure store cut its reply to fit: inputs, outputs and trace texts cut to "
-        "4000 characters to fit in one reply (a reply may not exceed 768 KiB)"
-    )
-
+    # the proposer reads the failure, the gate measures the change on 700 KB outputs, and a
+    # person reads its trail and approves it
     proposed = cli(flood_stack, "propose", TASK)
     assert proposed.returncode == 0, proposed.stderr
     change_id = proposed.stdout.split("proposed change ", 1)[1].split()[0]
-    assert "received" in await trail_reaching(flood_stack, change_id, "received")
+    await trail_reaching(flood_stack, change_id, "awaiting_approval", timeout=120)
     show = cli(flood_stack, "show", change_id)
     assert show.returncode == 0, show.stderr
-    assert change_id in show.stdout
+    assert change_id in show.stdout and "awaiting_approval" in show.stdout
+    approved = cli(flood_stack, "approve", change_id, "--reason", "read it all")
+    assert approved.returncode == 0, approved.stderr
+    kinds = await trail_reaching(flood_stack, change_id, "approved")
+    assert kinds[:4] == ["received", "measured", "awaiting_approval", "approved"]
+
+
+async def test_many_700_kb_failures_come_back_whole_a_page_at_a_time(flood_stack: Stack) -> None:
+    assert flood_stack.nats is not None
+    since = utcnow()
+    ours = await flood_failures(flood_stack, 90)  # ~18 KB each whole: three replies' worth
+
+    # `ratchet failures` reads as many replies as it takes: every failure whole, nothing cut
+    listed = cli(
+        flood_stack, "failures", "--task", TASK, "--since", since.isoformat(), "--limit", "100",
+        "--json",
+    )  # fmt: skip
+    assert listed.returncode == 0 and listed.stderr == "", listed.stderr
+    got = [FailureRecord.model_validate(f) for f in json.loads(listed.stdout)]
+    assert len(got) == 90 and {f.run_id for f in got} == ours
+    assert {len(f.output) for f in got} == {OUTPUT_CHARS}
+    assert [FailureKey.of(f) for f in got] == sorted(
+        (FailureKey.of(f) for f in got),
+        key=lambda k: (k.logged_at, k.run_id),
+        reverse=True,
+    )
+    fewer = cli(
+        flood_stack, "failures", "--task", TASK, "--since", since.isoformat(), "--limit", "30",
+        "--json",
+    )  # fmt: skip
+    assert fewer.returncode == 0 and fewer.stderr == "", fewer.stderr
+    assert [f["run_id"] for f in json.loads(fewer.stdout)] == [f.run_id for f in got[:30]]
+
+    # page by page, as the CLI asks: more than one reply, none over the bound, each failure once
+    nc = await connect(flood_stack.nats.settings_for("client"), name="test-pages")
+    try:
+        pages: list[FailuresPage] = []
+        sizes: list[int] = []
+        asking: FailuresQuery | None = FailuresQuery(task=TASK, since=since, limit=100, paged=True)
+        while asking is not None:
+            reply = await nc.request(
+                f"{QUERY_PREFIX}.failures", asking.model_dump_json().encode(), timeout=10
+            )
+            assert TRIMMED_HEADER not in (reply.headers or {})
+            pages.append(FailuresPage.model_validate_json(reply.data))
+            sizes.append(len(reply.data))
+            asking = pages[-1].next_query(asking, 100 - sum(len(p.failures) for p in pages))
+        # the proposer's and the console's way still works: one reply, every failure, shortened
+        one = await nc.request(
+            f"{QUERY_PREFIX}.failures",
+            FailureQuery(task=TASK, since=since, limit=100).model_dump_json().encode(),
+            timeout=10,
+        )
+    finally:
+        await nc.close()
+    whole_bytes = sum(len(f.model_dump_json()) for f in got)
+    assert whole_bytes > REPLY_BYTES  # what one reply could not carry whole
+    assert len(pages) == 3 and all(0 < size <= REPLY_BYTES for size in sizes), sizes
+    assert [p.more for p in pages] == [True] * (len(pages) - 1) + [False]
+    assert [f for p in pages for f in p.failures] == got
+    shortened = TypeAdapter(list[FailureRecord]).validate_json(one.data)
+    assert [f.run_id for f in shortened] == [f.run_id for f in got]
+    assert (one.headers or {})[TRIMMED_HEADER].startswith("inputs, outputs and trace texts cut to ")
+    print(f"90 failures, {whole_bytes} bytes whole: {len(pages)} pages of {sizes} bytes")

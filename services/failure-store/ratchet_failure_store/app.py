@@ -7,10 +7,12 @@ each tagged with where it ran.
 
 Query replies fit in one NATS message: at most ``MAX_FAILURES_PER_QUERY`` failures are read, each
 is shown within the message limits (a record stored before the limits existed is cut for the
-reply, never in the store). Failures that still do not fit are shown with shorter texts, so a
-reader gets every failure it asked for (the proposer compares them with their groups), and only
-past the shortest texts are the oldest left out; a reply says what it did in a header
-(:func:`ratchet.queries.list_reply`), which the CLI shows.
+reply, never in the store). A paged ``query.failures`` (``ratchet failures``) answers as many
+whole failures as fit and whether more follow, and is asked again after the last one
+(:mod:`ratchet_failure_store.paging`). Otherwise failures that do not fit in one reply are shown
+with shorter texts, so a reader gets every failure it asked for (the proposer compares them with
+their groups), and only past the shortest texts are the oldest left out; a reply says what it
+did in a header (:func:`ratchet.queries.list_reply`), which the CLI shows.
 
 ``query.runs`` shows people (the review console, the CLI) what the two prompts of a change
 answered on the gate's cases: the runs are the failure store's, like every other. The proposer
@@ -40,13 +42,16 @@ from ratchet.messaging import (
 from ratchet.queries import (
     MAX_FAILURES_PER_QUERY,
     REPLY_BYTES,
+    TRIMMED_HEADER,
     FailureCount,
+    FailuresQuery,
     RunsQuery,
     list_reply,
 )
 from ratchet.settings import Settings, get_settings
 from ratchet.store import FailureQuery, FailureRecord, open_store
 from ratchet_failure_store.gate_runs import cases_in_reply, gate_cases
+from ratchet_failure_store.paging import failures_after, failures_page
 from ratchet_failure_store.recorder import FailureRecorder, shown_in_reply, within_limits
 
 
@@ -105,10 +110,19 @@ def build_app(settings: Settings | None = None) -> FastStream:
 
     @broker.subscriber(
         f"{QUERY_PREFIX}.failures",
-        description="Stored failures matching a query, newest first, as many as fit in a reply.",
+        description="Stored failures matching a query, newest first. Paged: a FailuresPage of "
+        "whole failures, as many as fit in a reply, and whether more follow (ask again after "
+        "the last); else one array of all asked for, texts shortened if they must be to fit.",
     )
-    async def query_failures(query: FailureQuery) -> NatsResponse:
-        shown, shortened = shown_in_reply(await failures(query), REPLY_BYTES)
+    async def query_failures(query: FailuresQuery) -> NatsResponse:
+        store = started().store
+        if query.paged:
+            page, note = await failures_page(store, query, REPLY_BYTES)
+            headers = {"content-type": "application/json"}
+            if note:
+                headers[TRIMMED_HEADER] = note
+            return NatsResponse(body=page.model_dump_json().encode(), headers=headers)
+        shown, shortened = shown_in_reply(await failures_after(store, query), REPLY_BYTES)
         return list_reply(shown, noun="failures", shortened=shortened)
 
     @broker.subscriber(

@@ -7,13 +7,22 @@ import json
 from datetime import datetime
 from typing import Any
 
+from nats.aio.client import Client
 from pydantic import TypeAdapter
 from rich.text import Text
 
-from ratchet.cli.client import ClientError, client_settings, open_client, query, submit_and_wait
+from ratchet.cli.client import (
+    ClientError,
+    client_settings,
+    open_client,
+    query,
+    request,
+    submit_and_wait,
+)
 from ratchet.cli.render import console, groups_table, labelled, shown, trace_table
 from ratchet.contracts import Check, FailureGroup, RunRequested
 from ratchet.messaging import QUERY_PREFIX
+from ratchet.queries import FailuresPage, FailuresQuery
 from ratchet.store import FailureQuery, FailureRecord
 
 
@@ -93,8 +102,28 @@ def _parse_time(value: str | None) -> datetime | None:
         raise ClientError(f"not an ISO date/time: {value!r}") from exc
 
 
+async def fetch_failures(nc: Client, first: FailuresQuery) -> list[FailureRecord]:
+    """The ``first.limit`` newest failures ``first`` matches, whole, a page at a time: as
+    many replies as it takes, each within what NATS carries."""
+    failures: list[FailureRecord] = []
+    asking: FailuresQuery | None = first.model_copy(update={"paged": True})
+    while asking is not None:
+        page = await request(
+            nc,
+            f"{QUERY_PREFIX}.failures",
+            asking,
+            TypeAdapter(FailuresPage),
+            service="failure store",
+        )
+        failures += page.failures
+        asking = page.next_query(asking, first.limit - len(failures))
+    return failures
+
+
 async def cmd_failures(args: argparse.Namespace) -> int:
-    wanted = FailureQuery(
+    if args.limit < 1:
+        raise ClientError(f"--limit must be at least 1, got {args.limit}")
+    wanted = FailuresQuery(
         task=args.task,
         problem=args.problem,
         since=_parse_time(args.since),
@@ -102,12 +131,11 @@ async def cmd_failures(args: argparse.Namespace) -> int:
         origin=args.origin,
         limit=args.limit,
     )
-    failures = await query(
-        f"{QUERY_PREFIX}.failures",
-        wanted,
-        TypeAdapter(list[FailureRecord]),
-        service="failure store",
-    )
+    nc = await open_client(client_settings())
+    try:
+        failures = await fetch_failures(nc, wanted)
+    finally:
+        await nc.close()
     if args.json:
         print(json.dumps([f.model_dump(mode="json") for f in failures], indent=2))
         return 0
@@ -181,7 +209,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     failures.add_argument("--since", help="ISO date/time")
     failures.add_argument("--until", help="ISO date/time")
     failures.add_argument("--origin", help=ORIGIN_HELP)
-    failures.add_argument("--limit", type=int, default=20)
+    failures.add_argument(
+        "--limit",
+        type=int,
+        default=20,
+        help="newest failures to show, whole (read a reply at a time; default 20)",
+    )
     failures.add_argument("--json", action="store_true")
     failures.set_defaults(handler=cmd_failures, is_async=True)
 
