@@ -20,6 +20,9 @@ over the time they took, after ``--warmup`` runs. Ideal: ``replicas * workers / 
 single look (so the test never stops early) and ``--gate-latency-ms`` per agent call; timed from
 the proposal to ``change.awaiting_approval``. Ideal: ``runs * latency / (executors * workers)``.
 
+Memory: every process's resident set at the end of its configuration (``VmRSS``) and the most it
+held at any time since it started (``VmHWM``, the peak), both from ``/proc/<pid>/status``.
+
     .venv/bin/python benchmarks/scaling.py [--runs 800] [--json results.json]
 """
 
@@ -70,7 +73,8 @@ class Tier:
     runs_per_s: float
     ideal_runs_per_s: float
     busy_cores: float  # the whole machine's CPU use while the runs were measured
-    rss_mb: dict[str, float]
+    rss_mb: dict[str, float]  # VmRSS at the end of the configuration
+    peak_rss_mb: dict[str, float]  # VmHWM: the most each process was resident at any time
 
     @property
     def efficiency(self) -> float:
@@ -84,11 +88,14 @@ class Gate:
     seconds: float
     ideal_s: float
     rss_mb: dict[str, float]
+    peak_rss_mb: dict[str, float]
 
 
-def rss_mb(stack: Stack) -> dict[str, float]:
-    """Resident memory (VmRSS) of every process of the stack, in MB."""
-    sizes: dict[str, float] = {}
+def resident_mb(stack: Stack) -> tuple[dict[str, float], dict[str, float]]:
+    """Resident memory of every process of the stack, in MB: now (VmRSS, read at the end of a
+    configuration) and at its peak since the process started (VmHWM, the high-water mark)."""
+    now: dict[str, float] = {}
+    peak: dict[str, float] = {}
     assert stack.nats is not None
     for label, pid in [("nats-server", stack.nats.process.pid)] + [
         (label, process.pid) for label, process in stack.processes
@@ -96,8 +103,10 @@ def rss_mb(stack: Stack) -> dict[str, float]:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    sizes[label] = int(line.split()[1]) / 1024
-    return sizes
+                    now[label] = int(line.split()[1]) / 1024
+                elif line.startswith("VmHWM:"):
+                    peak[label] = int(line.split()[1]) / 1024
+    return now, peak
 
 
 def settings_for(home: Path, workers: int, gate: GateSettings | None = None) -> Settings:
@@ -220,15 +229,27 @@ def tier(args: argparse.Namespace, name: str, replicas: int) -> Tier:
             before = cpu_seconds({})["machine"]
             seconds = asyncio.run(drive(stack, args.runs, window, checked))
             busy = (cpu_seconds({})["machine"] - before) / seconds
-            memory = rss_mb(stack)
-    result = Tier(name, replicas, args.runs, seconds, args.runs / seconds, ideal, busy, memory)
+            memory, peak = resident_mb(stack)
+    result = Tier(
+        name, replicas, args.runs, seconds, args.runs / seconds, ideal, busy, memory, peak
+    )
     print(
         f"{name:<9} x{replicas}  {result.runs_per_s:7.1f} runs/s  ideal {ideal:6.1f}  "
         f"({result.efficiency:.0%})  machine busy {busy:.2f} of {os.cpu_count()} cores  "
-        f"max RSS {max(memory.values()):.0f} MB",
+        f"{memory_line(memory, peak)}",
         flush=True,
     )
     return result
+
+
+def memory_line(memory: dict[str, float], peak: dict[str, float]) -> str:
+    """Each process's resident MB at the end, and its peak where that was higher."""
+    parts = []
+    for label in sorted(memory):
+        top = peak.get(label, memory[label])
+        more = f" (peak {top:.0f})" if round(top) > round(memory[label]) else ""
+        parts.append(f"{label} {memory[label]:.0f}{more}")
+    return "RSS MB: " + ", ".join(parts)
 
 
 def gate(args: argparse.Namespace) -> Gate:
@@ -243,13 +264,13 @@ def gate(args: argparse.Namespace) -> Gate:
             settings, env, services=CORE_SERVICES, executors=args.gate_executors
         ) as stack:
             seconds = asyncio.run(measure_gate(stack))
-            memory = rss_mb(stack)
+            memory, peak = resident_mb(stack)
     print(
         f"gate      {runs} runs, {args.gate_executors} executor(s): {seconds:.1f} s, ideal "
-        f"{ideal:.1f} s ({seconds / ideal:.2f}x)  max RSS {max(memory.values()):.0f} MB",
+        f"{ideal:.1f} s ({seconds / ideal:.2f}x)  {memory_line(memory, peak)}",
         flush=True,
     )
-    return Gate(args.gate_executors, runs, seconds, ideal, memory)
+    return Gate(args.gate_executors, runs, seconds, ideal, memory, peak)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
