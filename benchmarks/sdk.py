@@ -2,9 +2,9 @@
 
 Against a real nats-server (started here, with the app's own NATS user), in this one process:
 
-- ``prompt()``: the mean wall time of a cached read, over ``--reads`` reads, for a task with no
-  canary and for one in canary (with a rollout key, and without one: a fresh draw per read).
-  Target: at most 10 microseconds.
+- ``prompt()``: the mean wall time (and CPU time) of a cached read, over ``--reads`` reads, for
+  a task with no canary and for one in canary (with a rollout key, and without one: a fresh
+  draw per read). Target: at most 10 microseconds.
 - ``report()``: the process CPU time (``time.process_time``, every thread of the process) of
   ``--reports`` reports of a typical run (a few hundred characters of input and output, three
   trace steps, token usage, an exact check) until JetStream has acknowledged the last one
@@ -15,6 +15,22 @@ Against a real nats-server (started here, with the app's own NATS user), in this
   the same pacing loop without reports is measured too and subtracted.
 
     .venv/bin/python benchmarks/sdk.py --reports 20000 --reads 1000000
+
+``--mode tracer``: what the LangChain callback (``Ratchet.tracer``) adds to one invocation of a
+small LangGraph app (the model node and the calculator tool of ``examples/langgraph_app.py``,
+with the FAKE model ``scripted:tool-user``: model, tool, model; no network). Four arms, each
+invoked ``--invocations`` times with ``ainvoke``, the process CPU of each measured: no
+callbacks; a no-op ``BaseCallbackHandler`` (LangChain's own dispatch of the callbacks, inline
+like the tracer); the tracer with a client that builds and validates its report and sends
+nothing ("unsent"); the SDK's tracer, its report published and acknowledged by JetStream (each
+batch ends with ``flush``, inside its measurement). The arms alternate in ``--rounds`` rounds,
+in a rotating order, so a change in the machine's load hits them alike; the differences are
+paired per round, and their mean is given with two standard errors over the rounds. Apart, and
+free of the graph's noise: the tracer's own work (the callbacks of one invocation, recorded,
+replayed ``--replays`` times on fresh tracers whose report is built but not published; the
+best of five repeats).
+
+    .venv/bin/python benchmarks/sdk.py --mode tracer --invocations 3000 --rounds 30
 """
 
 from __future__ import annotations
@@ -24,20 +40,32 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict, cast
 
-from ratchet.contracts import RunReported, TraceStep
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AnyMessage, HumanMessage, SystemMessage
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.prebuilt import ToolNode, tools_condition
+
+from ratchet.contracts import Check, RunReported, TraceStep
 from ratchet.jetstream import EVENTS_STREAM, app_user
 from ratchet.messaging import connect
+from ratchet.models import make_chat_model, model_label
 from ratchet.natsproc import LocalNats, free_port, start_nats
 from ratchet.prompts import Canary, PromptRecord, PromptWriter
-from ratchet.sdk import Prompt, Ratchet, build_report
+from ratchet.rules import load_rules
+from ratchet.sdk import Prompt, PromptCache, Ratchet, build_report
+from ratchet.sdk.langchain import RatchetTracer
+from ratchet.settings import ModelSettings, Settings
+from ratchet.tools import get_tools
 
 APP = "bench"
 PLAIN, CANARY = "plain", "canaried"
@@ -64,14 +92,16 @@ async def seed_prompts(server: LocalNats) -> None:
         await nc.close()
 
 
-def time_reads(read: Callable[[int], Any], reads: int) -> float:
-    """Mean wall microseconds of one ``read(i)``, the loop included (so an upper bound)."""
+def time_reads(read: Callable[[int], Any], reads: int) -> tuple[float, float]:
+    """Mean wall and CPU microseconds of one ``read(i)``, the loop included (so upper bounds).
+    On a busy machine the wall time also counts the moments the process waited for a core."""
     for i in range(min(reads, 10_000)):  # warm up
         read(i)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for i in range(reads):
         read(i)
-    return (time.perf_counter() - started) / reads * 1e6
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - started
+    return wall / reads * 1e6, cpu / reads * 1e6
 
 
 async def paced(count: int, rate: float, act: Callable[[int], Any]) -> None:
@@ -93,7 +123,7 @@ async def measure(args: argparse.Namespace, server: LocalNats) -> dict[str, Any]
     )
     try:
         keys = [f"user-{i}" for i in range(1024)]
-        reads = {
+        timed = {
             "plain, with key": time_reads(
                 lambda i: ratchet.prompt(PLAIN, keys[i & 1023]), args.reads
             ),
@@ -103,6 +133,8 @@ async def measure(args: argparse.Namespace, server: LocalNats) -> dict[str, Any]
             ),
             "canary, no key": time_reads(lambda i: ratchet.prompt(CANARY), args.reads),
         }
+        reads = {case: wall for case, (wall, _) in timed.items()}
+        reads_cpu = {case: cpu for case, (_, cpu) in timed.items()}
         served = ratchet.prompt(PLAIN, "user-1")
 
         def report(i: int) -> None:
@@ -145,6 +177,7 @@ async def measure(args: argparse.Namespace, server: LocalNats) -> dict[str, Any]
     assert stored == args.reports + 200, f"the stream holds {stored} reports"
     return {
         "prompt_read_us": reads,
+        "prompt_read_cpu_us": reads_cpu,
         "report": {
             "runs": args.reports,
             "rate": args.rate or "all at once",
@@ -177,22 +210,263 @@ async def stored_reports(server: LocalNats) -> int:
         await nc.close()
 
 
+# --- the LangChain callback (--mode tracer) ------------------------------------------------------
+
+MODEL = "scripted:tool-user"  # a FAKE model: asks the calculator, then answers with its result
+UNSENT = "tracer, unsent"  # the tracer with a client that builds its report and sends nothing
+ARMS = ("plain", "no-op handler", UNSENT, "tracer")
+TRACER_ADDS = "tracer - plain (what the SDK adds, all in)"
+
+
+class State(TypedDict):
+    messages: Annotated[list[AnyMessage], add_messages]
+
+
+def build_graph() -> Any:
+    """The example app's graph: a model node, and the calculator while the model asks for it."""
+    tools = get_tools(["calculator"])
+    bound = make_chat_model(ModelSettings(spec=MODEL)).bind_tools(tools)
+
+    async def call_model(state: State) -> dict[str, list[AnyMessage]]:
+        return {"messages": [await bound.ainvoke(state["messages"])]}
+
+    graph = StateGraph(State)
+    graph.add_node("model", call_model)
+    graph.add_node("tools", ToolNode(tools))
+    graph.add_edge(START, "model")
+    graph.add_conditional_edges("model", tools_condition, ["tools", END])
+    graph.add_edge("tools", "model")
+    return graph.compile()
+
+
+class NoOp(BaseCallbackHandler):
+    """A handler that does nothing, called inline like the tracer: what LangChain's dispatch of
+    the callbacks costs by itself. It takes ``on_chat_model_start`` as the tracer does (a
+    handler without it has the messages turned into text for ``on_llm_start`` instead)."""
+
+    run_inline = True
+
+    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+CALLBACKS = (
+    "on_chain_start", "on_chain_end", "on_chain_error", "on_chat_model_start", "on_llm_start",
+    "on_llm_end", "on_llm_error", "on_tool_start", "on_tool_end", "on_tool_error",
+)  # fmt: skip
+
+
+class Recorder(BaseCallbackHandler):
+    """Keeps every callback of an invocation, with its arguments, to replay them."""
+
+    run_inline = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+
+def _recording(name: str) -> Callable[..., None]:
+    def record(self: Recorder, *args: Any, **kwargs: Any) -> None:
+        self.calls.append((name, args, kwargs))
+
+    return record
+
+
+for _name in CALLBACKS:
+    setattr(Recorder, _name, _recording(_name))
+
+
+class BuildsOnly:
+    """A client whose ``report`` builds and validates the event, and publishes nothing."""
+
+    def report(self, **fields: Any) -> RunReported:
+        return build_report(APP, **fields)
+
+
+def replay_tracer(calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]], times: int) -> float:
+    """CPU microseconds of the tracer's own work for one invocation: its callbacks replayed
+    (as LangChain made them in one invocation) on a fresh tracer, and its report built, but
+    not published; the best of five repeats of ``times``."""
+    client = cast(Ratchet, BuildsOnly())
+    served = PromptCache(load_rules(Settings().rules_path)).prompt(PLAIN)
+    check = Check(kind="exact", expected="1")
+
+    def once() -> None:
+        tracer = RatchetTracer(client, task=PLAIN, prompt=served, check=check, model=MODEL)
+        for name, args, kwargs in calls:
+            getattr(tracer, name)(*args, **kwargs)
+        assert tracer.reported is not None
+
+    for _ in range(min(times, 1000)):
+        once()
+    best = float("inf")
+    for _ in range(5):
+        cpu = time.process_time()
+        for _ in range(times):
+            once()
+        best = min(best, (time.process_time() - cpu) / times * 1e6)
+    return best
+
+
+def arithmetic(i: int) -> tuple[str, str]:
+    """Input ``i`` and its answer."""
+    a, b, c = 3 + i % 97, 7 + i % 89, i % 13
+    return f"What is {a} * {b} + {c}? Answer with the number only.", str(a * b + c)
+
+
+async def measure_tracer(args: argparse.Namespace, server: LocalNats) -> dict[str, Any]:
+    user = app_user(APP)
+    ratchet = await Ratchet.connect(server.url, app=APP, user=user, password=server.passwords[user])
+    graph = build_graph()
+    label = model_label(ModelSettings(spec=MODEL))
+    noop = NoOp()
+    unsent = cast(Ratchet, BuildsOnly())
+    batch = max(1, args.invocations // args.rounds)
+    counter = 0
+
+    async def invoke(arm: str) -> None:
+        nonlocal counter
+        question, answer = arithmetic(counter)
+        served = ratchet.prompt(PLAIN, f"user-{counter % 1024}")
+        counter += 1
+        config: dict[str, Any] = {"recursion_limit": 12}
+        if arm == "tracer":
+            check = Check(kind="exact", expected=answer)
+            config["callbacks"] = [
+                ratchet.tracer(task=PLAIN, prompt=served, check=check, model=label)
+            ]
+        elif arm == UNSENT:
+            check = Check(kind="exact", expected=answer)
+            config["callbacks"] = [
+                RatchetTracer(unsent, task=PLAIN, prompt=served, check=check, model=label)
+            ]
+        elif arm == "no-op handler":
+            config["callbacks"] = [noop]
+        inputs = {"messages": [SystemMessage(served.system), HumanMessage(question)]}
+        result = await graph.ainvoke(inputs, config=config)
+        if result["messages"][-1].content != answer:
+            raise AssertionError(f"{question!r}: {result['messages'][-1].content!r}")
+
+    async def run_batch(arm: str) -> float:
+        """Process CPU seconds of ``batch`` invocations of ``arm``, their reports acknowledged."""
+        cpu = time.process_time()
+        for _ in range(batch):
+            await invoke(arm)
+        if await ratchet.flush(timeout=args.timeout):
+            raise AssertionError(f"reports not acknowledged in {args.timeout} s: {ratchet.stats}")
+        return time.process_time() - cpu
+
+    try:
+        for arm in ARMS:  # warm-up: imports, pydantic's and nats-py's first-use work
+            for _ in range(max(20, batch // 5)):
+                await invoke(arm)
+        await ratchet.flush(timeout=args.timeout)
+        warmed = ratchet.stats.reported
+        recorder = Recorder()
+        question, _ = arithmetic(0)
+        inputs = {"messages": [SystemMessage(PLAIN), HumanMessage(question)]}
+        await graph.ainvoke(inputs, config={"callbacks": [recorder]})
+        replayed = replay_tracer(recorder.calls, args.replays)
+        per_round: dict[str, list[float]] = {arm: [] for arm in ARMS}  # CPU us per invocation
+        for r in range(args.rounds):
+            turn = r % len(ARMS)
+            order = ARMS[turn:] + ARMS[:turn]  # each arm in each place alike
+            for arm in order:
+                per_round[arm].append(await run_batch(arm) / batch * 1e6)
+        stats = ratchet.stats
+    finally:
+        await ratchet.close()
+    assert stats.dropped == 0 and stats.pending == 0, f"{stats}"
+    stored = await stored_reports(server)
+    measured = args.rounds * batch
+    assert stored == warmed + measured, f"the stream holds {stored} reports"
+    return {
+        "invocations_per_arm": measured,
+        "rounds": args.rounds,
+        "batch": batch,
+        "cpu_us_per_invocation": {arm: statistics.mean(v) for arm, v in per_round.items()},
+        "cpu_us_per_round": per_round,
+        "differences_us": {
+            name: paired(per_round[a], per_round[b])
+            for name, a, b in (
+                (TRACER_ADDS, "tracer", "plain"),
+                ("no-op handler - plain (LangChain's dispatch)", "no-op handler", "plain"),
+                ("unsent - no-op handler (the tracer, its report)", UNSENT, "no-op handler"),
+                ("tracer - unsent (publishing the report, its ack)", "tracer", UNSENT),
+            )
+        },
+        "reports_stored": stored,
+        "callbacks_per_invocation": len(recorder.calls),
+        "tracer_own_cpu_us": replayed,
+    }
+
+
+def paired(a: list[float], b: list[float]) -> dict[str, float]:
+    """Mean, two standard errors and median of the per-round differences ``a - b``."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    spread = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {
+        "mean": statistics.mean(diffs),
+        "two_se": 2 * spread,
+        "median": statistics.median(diffs),
+    }
+
+
+def print_tracer(results: dict[str, Any]) -> None:
+    print(
+        f"LangGraph app, {MODEL} (model, tool, model): {results['invocations_per_arm']} "
+        f"invocations per arm in {results['rounds']} rounds of {results['batch']}"
+    )
+    for arm, micros in results["cpu_us_per_invocation"].items():
+        print(f"  {arm:<14} {micros:8.1f} us CPU per invocation")
+    for name, d in results["differences_us"].items():
+        print(
+            f"  {name:<48} {d['mean']:7.1f} us +- {d['two_se']:5.1f} (2 SE), "
+            f"median {d['median']:7.1f} us"
+        )
+    print(
+        f"  the tracer's own work, its {results['callbacks_per_invocation']} callbacks replayed "
+        f"and the report built (not published): {results['tracer_own_cpu_us']:.1f} us"
+    )
+    adds = results["differences_us"][TRACER_ADDS]["mean"]
+    print(f"what the SDK adds per reported run: {adds:.1f} us CPU   (target <= 1000 us)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--mode", choices=("report", "tracer"), default="report",
+        help="report: prompt() and report(); tracer: the LangChain callback in a LangGraph app",
+    )  # fmt: skip
     parser.add_argument("--reports", type=int, default=20_000, help="reported runs measured")
     parser.add_argument("--reads", type=int, default=1_000_000, help="prompt reads per case")
     parser.add_argument("--rate", type=float, default=0.0, help="reports per second (0: burst)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for acks")
+    parser.add_argument("--invocations", type=int, default=3000, help="graph runs per arm")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds the arms alternate in")
+    parser.add_argument("--replays", type=int, default=5000, help="tracer replays, 5 repeats")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = {
-        "reports": args.reports,
-        "reads": args.reads,
-        "rate": args.rate,
+    if args.mode == "tracer":
+        if args.rounds < 2 or args.invocations < args.rounds:
+            raise SystemExit("--rounds must be >= 2 and --invocations >= --rounds")
+        settings: dict[str, Any] = {
+            "mode": "tracer",
+            "invocations": args.invocations,
+            "rounds": args.rounds,
+            "replays": args.replays,
+            "model": MODEL,
+            "langchain-core": version("langchain-core"),
+            "langgraph": version("langgraph"),
+        }
+    else:
+        settings = {"mode": "report", "reports": args.reports, "reads": args.reads}
+        settings["rate"] = args.rate
+    settings |= {
         "python": platform.python_version(),
         "nats-py": version("nats-py"),
         "pydantic": version("pydantic"),
@@ -200,15 +474,25 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
     }
     print("settings:", json.dumps(settings))
+    measurement = measure_tracer if args.mode == "tracer" else measure
     with tempfile.TemporaryDirectory() as folder:
         server = start_nats(Path(folder) / "home", free_port(), apps=[APP])
         try:
             asyncio.run(seed_prompts(server))
-            results = asyncio.run(measure(args, server))
+            results = asyncio.run(measurement(args, server))
         finally:
             server.stop()
+    if args.json:
+        args.json.write_text(json.dumps({"settings": settings, **results}, indent=2))
+    if args.mode == "tracer":
+        print_tracer(results)
+        return 0
     for case, micros in results["prompt_read_us"].items():
-        print(f"prompt() cached read, {case:<17} {micros:8.3f} us   (target <= 10 us)")
+        cpu = results["prompt_read_cpu_us"][case]
+        print(
+            f"prompt() cached read, {case:<17} {micros:8.3f} us, CPU {cpu:7.3f} us   "
+            "(target <= 10 us)"
+        )
     report = results["report"]
     print(
         f"report(): {report['cpu_ms_per_run'] * 1000:8.1f} us CPU per run, all in   "
@@ -218,8 +502,6 @@ def main(argv: list[str] | None = None) -> int:
     if report["in_report_call_ms_per_run"] is not None:
         inside = report["in_report_call_ms_per_run"] * 1000
         print(f"  of which inside the report() calls: {inside:.1f} us")
-    if args.json:
-        args.json.write_text(json.dumps({"settings": settings, **results}, indent=2))
     return 0
 
 

@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
+from uuid import uuid4
 
 import pytest
-from langchain_core.messages import AnyMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langchain_core.outputs import ChatGeneration, Generation, LLMResult
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode, tools_condition
+from pydantic import ValidationError
 
 from ratchet.contracts import (
     ERROR_CHARS,
@@ -25,6 +28,7 @@ from ratchet.contracts import (
     OUTPUT_CHARS,
     TRACE_STEPS,
     TRACE_TEXT_CHARS,
+    TokenUsage,
     TraceStep,
 )
 from ratchet.jetstream import dedup_headers
@@ -32,6 +36,8 @@ from ratchet.prompts import Canary, PromptRecord, PromptVersion, serve
 from ratchet.rules import compose_system_prompt, load_rules
 from ratchet.scripted import scripted_model
 from ratchet.sdk import Prompt, PromptCache, Ratchet, ReportError, Trace, build_report
+from ratchet.sdk import served as served_module
+from ratchet.sdk.served import CANARY_KEYS, canary_arm
 from ratchet.settings import Settings
 from ratchet.tools import get_tools
 
@@ -189,6 +195,32 @@ def test_served_prompt_splits_like_serve() -> None:
     assert {cache.prompt("qa").version for _ in range(200)} == {4, 7}  # no key: a fresh draw
 
 
+def test_canary_arms_are_remembered_bounded_and_per_change_and_share() -> None:
+    """A returning key's arm is remembered (no hash), for at most CANARY_KEYS keys, and only for
+    the change and share it was decided for: each answer is still the executor's."""
+    cache = PromptCache(RULES)
+    keys = [f"returning-{i}" for i in range(2000)]
+    for change_id, share in (("c1", 0.3), ("c1", 0.6), ("c2", 0.6)):
+        stored = canary_version(share)
+        stored.record.change_id = change_id
+        cache.update(stored)
+        expected = [serve(stored, key).version for key in keys]
+        for attempt in range(2):  # decided, then remembered
+            hits = canary_arm.cache_info().hits
+            assert [cache.prompt("qa", key).version for key in keys] == expected
+            assert canary_arm.cache_info().hits - hits == (len(keys) if attempt else 0)
+    fresh = [f"other-{i}" for i in range(CANARY_KEYS + 100)]
+    assert [cache.prompt("qa", key).version for key in fresh] == [
+        serve(stored, key).version for key in fresh
+    ]
+    assert canary_arm.cache_info().currsize == CANARY_KEYS
+    # without a key each read is a fresh draw, with the canary's share of the draws (seeded)
+    served_module._draws.seed(7)
+    draws = [cache.prompt("qa").version for _ in range(20_000)]
+    assert set(draws) == {4, 7} and 0.58 < draws.count(7) / len(draws) < 0.62
+    assert canary_arm.cache_info().currsize == CANARY_KEYS
+
+
 def test_served_prompt_defaults_and_removal() -> None:
     cache = PromptCache(RULES)
     assert cache.prompt("qa") == cache.default and cache.default.version == 0
@@ -244,6 +276,38 @@ def test_tracer_under_a_sync_invoke() -> None:
     assert run is not None and (run.input, run.output, run.error) == ("What is 7 + 5?", "12", None)
     assert [s.kind for s in run.trace] == ["model", "tool", "model"]
     assert run.prompt_version == 0 and ratchet.stats.pending == 1
+
+
+def test_tracer_sums_tokens_and_names_the_model() -> None:
+    """Token counts on the message and in a provider's ``llm_output`` add up, a count that is no
+    count is refused as :class:`TokenUsage` refuses it, and the model is named as LangChain
+    names it."""
+    ratchet = offline()
+    tracer = ratchet.tracer(task="qa")
+    root, chat, llm, bad = uuid4(), uuid4(), uuid4(), uuid4()
+    tracer.on_chain_start({}, {"messages": [HumanMessage("hi")]}, run_id=root)
+    tracer.on_chat_model_start(
+        {"name": "ChatX"}, [[HumanMessage("hi")]], run_id=chat, invocation_params={"model": "x-1"}
+    )
+    usage = {"input_tokens": 10, "output_tokens": 2, "total_tokens": 12}
+    answer = AIMessage("one", usage_metadata=usage)
+    tracer.on_llm_end(LLMResult(generations=[[ChatGeneration(message=answer)]]), run_id=chat)
+    provider = {"token_usage": {"prompt_tokens": 5, "completion_tokens": 3}}
+    tracer.on_llm_start({}, ["hi"], run_id=llm)
+    tracer.on_llm_end(
+        LLMResult(generations=[[Generation(text="two")]], llm_output=provider), run_id=llm
+    )
+    assert tracer.usage == TokenUsage(input_tokens=15, output_tokens=5)
+    tracer.on_llm_start({}, ["hi"], run_id=bad)
+    negative = {"token_usage": {"prompt_tokens": -1, "completion_tokens": 3}}
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        tracer.on_llm_end(
+            LLMResult(generations=[[Generation(text="")]], llm_output=negative), run_id=bad
+        )
+    tracer.on_chain_end({"messages": [answer]}, run_id=root)
+    run = tracer.reported
+    assert run is not None and run.usage == TokenUsage(input_tokens=15, output_tokens=5)
+    assert (run.model, run.output, [s.name for s in run.trace]) == ("x-1", "one", ["x-1", "model"])
 
 
 def test_tracer_reports_a_crashed_run() -> None:

@@ -15,7 +15,10 @@ ratchet.sdk`` does not import this module until :meth:`ratchet.sdk.Ratchet.trace
 
 It is a plain handler that runs inline (``run_inline``): recording a step is a few dictionary
 operations, so there is no reason to hop to a thread, and it works the same under ``invoke``
-(where LangGraph may call it from its worker threads) and ``ainvoke``.
+(where LangGraph may call it from its worker threads) and ``ainvoke``. It does the least it can
+per callback (``benchmarks/sdk.py --mode tracer`` measures it): token counts are added up as
+integers and validated once, in the report; the model's name is looked up only when the trace
+or the report needs it.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ class RatchetTracer(BaseCallbackHandler):
         self.run_id = run_id or new_id()
         self.model = model
         self.trace = Trace()
-        self.usage = TokenUsage()
+        self._tokens = [0, 0]  # input, output: summed as they come, validated in the report
         self.reported: RunReported | None = None
         self._root: UUID | None = None
         self._started = 0.0
@@ -80,6 +83,20 @@ class RatchetTracer(BaseCallbackHandler):
         self._answer = ""  # the last model output: the answer unless the outputs say otherwise
         self._done = False
         self._warned = False
+
+    @property
+    def usage(self) -> TokenUsage:
+        """The tokens the invocation's model steps used so far."""
+        return TokenUsage(input_tokens=self._tokens[0], output_tokens=self._tokens[1])
+
+    def _add_usage(self, input_tokens: Any, output_tokens: Any) -> None:
+        if type(input_tokens) is not int or type(output_tokens) is not int:
+            usage = TokenUsage(input_tokens=input_tokens, output_tokens=output_tokens)
+            input_tokens, output_tokens = usage.input_tokens, usage.output_tokens
+        elif input_tokens < 0 or output_tokens < 0:  # refused as TokenUsage refuses it
+            TokenUsage(input_tokens=input_tokens, output_tokens=output_tokens)
+        self._tokens[0] += input_tokens
+        self._tokens[1] += output_tokens
 
     # --- the invocation -------------------------------------------------------------------------
 
@@ -89,10 +106,11 @@ class RatchetTracer(BaseCallbackHandler):
                 self._warned = True
                 log.warning("a tracer reports one invocation; make one per call: not reported")
             return
+        now = time.perf_counter()
         if self._root is None:
-            self._root, self._started = run_id, time.perf_counter()
+            self._root, self._started = run_id, now
         if len(self._open) < OPEN_STEPS:
-            self._open[run_id] = (time.perf_counter(), name, input)
+            self._open[run_id] = (now, name, input)
 
     def _end(self, run_id: UUID) -> tuple[str, str, float] | None:
         """(name, input, milliseconds) of a step that ends, if it was recorded."""
@@ -204,10 +222,13 @@ class RatchetTracer(BaseCallbackHandler):
         metadata: dict[str, Any],
         kwargs: dict[str, Any],
     ) -> None:
-        label = _model_label(serialized, metadata, kwargs)
-        if self.model is None and label:
-            self.model = label
-        self._begin(run_id, str(metadata.get("langgraph_node") or label or "model"))
+        node = metadata.get("langgraph_node")
+        label = ""
+        if self.model is None or not node:  # the name is needed
+            label = _model_label(serialized, metadata, kwargs)
+            if self.model is None and label:
+                self.model = label
+        self._begin(run_id, str(node or label or "model"))
 
     def on_llm_end(
         self,
@@ -228,14 +249,11 @@ class RatchetTracer(BaseCallbackHandler):
             calls = "; ".join(f"{c['name']}({c['args']})" for c in message.tool_calls)
             if message.usage_metadata:
                 meta = message.usage_metadata
-                self.usage += TokenUsage(
-                    input_tokens=meta.get("input_tokens", 0),
-                    output_tokens=meta.get("output_tokens", 0),
-                )
+                self._add_usage(meta.get("input_tokens", 0), meta.get("output_tokens", 0))
             else:
-                self.usage += _reported_usage(response)
+                self._add_usage(*_reported_usage(response))
         else:
-            self.usage += _reported_usage(response)
+            self._add_usage(*_reported_usage(response))
         text = message.text if message is not None else generation.text if generation else ""
         if text:
             self._answer = text
@@ -327,15 +345,13 @@ def _model_label(
     return str(ids[-1]) if ids else ""
 
 
-def _reported_usage(response: LLMResult) -> TokenUsage:
-    """Token counts a provider put in ``llm_output`` instead of on the message."""
+def _reported_usage(response: LLMResult) -> tuple[int, int]:
+    """Token counts (input, output) a provider put in ``llm_output`` instead of on the
+    message."""
     usage = (response.llm_output or {}).get("token_usage") or {}
     if not isinstance(usage, Mapping):
-        return TokenUsage()
-    return TokenUsage(
-        input_tokens=int(usage.get("prompt_tokens") or 0),
-        output_tokens=int(usage.get("completion_tokens") or 0),
-    )
+        return 0, 0
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
 def _last_human(messages: Sequence[BaseMessage]) -> str:
@@ -352,8 +368,11 @@ def _input_text(inputs: Any) -> str:
         return inputs
     if isinstance(inputs, Mapping):
         if "messages" in inputs:
+            messages = inputs["messages"]
+            if isinstance(messages, list) and all(isinstance(m, BaseMessage) for m in messages):
+                return _last_human(messages)  # what converting them would give, for less
             try:
-                return _last_human(convert_to_messages(inputs["messages"]))
+                return _last_human(convert_to_messages(messages))
             except (ValueError, TypeError, NotImplementedError):
                 pass
         for key in INPUT_KEYS:

@@ -1,11 +1,13 @@
 """The task prompts an app serves, held in memory and composed ahead of time.
 
 Each version is composed with the pinned rules (:func:`ratchet.rules.compose_system_prompt`)
-and hashed once, when it arrives; reading one is a dictionary lookup, plus one hash of the
-rollout key while a change is in canary, where :func:`ratchet.prompts.serve` picks the arm
-exactly as the executor does. The cache outlives the connection: while NATS is unreachable the
-app keeps serving the last version it saw, and with a cache file a restarted app starts from
-the versions it saw last.
+and hashed once, when it arrives; reading one is a dictionary lookup. While a change is in
+canary the arm of a rollout key is decided by :func:`ratchet.prompts.in_canary`, exactly as the
+executor's :func:`ratchet.prompts.serve` decides it (a SHA-256 of the change and the key), and
+remembered for the ``CANARY_KEYS`` keys used last, so a returning user costs a cache lookup,
+not a hash. The cache outlives the connection: while NATS is unreachable the app keeps serving
+the last version it saw, and with a cache file a restarted app starts from the versions it saw
+last.
 """
 
 from __future__ import annotations
@@ -13,18 +15,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
 from pydantic import ValidationError
 
-from ratchet.prompts import DEFAULT_PROMPT, PromptVersion, serve, sha256_text
+from ratchet.prompts import DEFAULT_PROMPT, PromptVersion, in_canary, sha256_text
 from ratchet.rules import Rules, compose_system_prompt
 
 log = logging.getLogger("ratchet.sdk")
 
 CACHE_FORMAT = 1
+CANARY_KEYS = 16_384  # (change, key, share) arms remembered, least recently used dropped first
+
+canary_arm = lru_cache(maxsize=CANARY_KEYS)(in_canary)
+""":func:`ratchet.prompts.in_canary` with the arms of the latest keys remembered: a pure
+function of its arguments, so remembering it changes no answer."""
+_draws = random.Random(os.urandom(16))  # the SDK's own, whatever the app seeds ``random`` with
 
 
 class Prompt(NamedTuple):
@@ -48,6 +58,8 @@ class _Task:
     stored: PromptVersion
     current: Prompt  # the stored version
     stable: Prompt | None  # while the stored version is in canary: the version the rest get
+    change_id: str  # the change in canary, and the share of keys it gets
+    share: float
 
 
 class PromptCache:
@@ -69,7 +81,9 @@ class PromptCache:
             None if canary is None else self._compose(canary.stable_text, canary.stable_version)
         )
         current = self._compose(stored.record.text, stored.version)
-        self._tasks[stored.task] = _Task(stored, current, stable)
+        share = 1.0 if canary is None else canary.share
+        change_id = stored.record.change_id or ""
+        self._tasks[stored.task] = _Task(stored, current, stable, change_id, share)
 
     def remove(self, task: str) -> None:
         """The task's prompt was deleted: it gets the default prompt, as in the executor."""
@@ -84,8 +98,11 @@ class PromptCache:
             return self.default
         if entry.stable is None:
             return entry.current
-        served = serve(entry.stored, key or os.urandom(8).hex())  # no key: a fresh draw
-        return entry.current if served.version == entry.current.version else entry.stable
+        if key:
+            canary = canary_arm(entry.change_id, key, entry.share)
+        else:  # a fresh draw, with the canary's chance of a random key's hash; not remembered
+            canary = _draws.random() < entry.share
+        return entry.current if canary else entry.stable
 
     def in_canary(self, task: str) -> bool:
         """Whether a change to ``task`` serves only a share of its runs now."""
