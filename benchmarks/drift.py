@@ -131,6 +131,7 @@ class Config:
     max_cases: int | None = None
     looks: int | None = None
     verify_reserve: int | None = None
+    alpha: float | None = None
     futility_cp: float | None = None
     verify_cases: int = 100  # fresh cases the check after applying runs (the gatekeeper's default)
     deterministic_share: float = 0.5
@@ -149,6 +150,7 @@ class Tally:
     runs: int = 0
     verdicts: dict[str, int] = field(default_factory=dict)
     kept_lift_sum: float = 0.0  # the lift the measurement showed, summed over kept changes
+    kept_at_last_look: int = 0  # kept changes whose decision used every case of the design
 
     def add(self, kept: Bools, runs: Ints) -> None:
         self.decisions += int(kept.size)
@@ -165,6 +167,7 @@ class Tally:
             "runs_per_decision": self.runs / self.decisions if self.decisions else float("nan"),
             "verdicts": dict(sorted(self.verdicts.items())),
             "mean_shown_lift_of_kept": self.kept_lift_sum / self.kept if self.kept else None,
+            "kept_at_last_look": self.kept_at_last_look,
         }
 
 
@@ -191,7 +194,10 @@ def make_design(cfg: Config) -> Design:
         )
         if value is not None
     }
-    design = design_for_pool(cfg.pool, **overrides)
+    if cfg.alpha is None:
+        design = design_for_pool(cfg.pool, **overrides)
+    else:
+        design = design_for_pool(cfg.pool, alpha=cfg.alpha, **overrides)
     if cfg.futility_cp is not None:
         design = dataclasses.replace(design, futility_cp=cfg.futility_cp)
     return design
@@ -325,6 +331,7 @@ def decide(
         tally.verdicts[result.verdict] = tally.verdicts.get(result.verdict, 0) + 1
         if result.verdict == "superior":
             tally.kept_lift_sum += result.lift
+            tally.kept_at_last_look += result.look == len(design.looks)
     tally.add(kept, 2 * n_stop * design.repeats)
     return Decided(kept, cur, cand, n_stop)
 
@@ -715,6 +722,7 @@ class E2EConfig:
     max_cases: int | None = None
     looks: int | None = None
     verify_reserve: int | None = None
+    alpha: float | None = None
     verify_cases: int | None = None
     cycle_timeout_s: float = 300.0
 
@@ -728,6 +736,7 @@ def e2e_gate_settings(cfg: E2EConfig) -> GateSettings:
             ("max_cases", cfg.max_cases),
             ("looks", cfg.looks),
             ("verify_reserve", cfg.verify_reserve),
+            ("alpha", cfg.alpha),
             ("verify_cases", cfg.verify_cases),
         )
         if value is not None
@@ -838,7 +847,7 @@ async def e2e_cycles(cfg: E2EConfig, stack: Stack, suite: Suite) -> dict[str, An
     async def on_scored(msg: Any) -> None:
         data = json.loads(msg.data)
         if data.get("context", {}).get("purpose") == "gate":
-            gate_runs[data["run_id"].split(".")[0]] += 1
+            gate_runs[data["context"]["change_id"]] += 1
 
     await nc.subscribe(ChangeProposed.subject_of("*"), cb=on_proposed)
     await nc.subscribe("run.scored", cb=on_scored)
@@ -1157,6 +1166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-cases", type=int, default=default.max_cases, help=library)
     parser.add_argument("--looks", type=int, default=default.looks, help=library)
     parser.add_argument("--verify-reserve", type=int, default=default.verify_reserve, help=library)
+    parser.add_argument(
+        "--alpha", type=float, default=default.alpha, help="one-sided, over all looks; " + library
+    )
     parser.add_argument("--futility-cp", type=float, default=default.futility_cp, help=library)
     parser.add_argument(
         "--verify-cases",
@@ -1173,7 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
         "end to end (--e2e)",
         "mode (b): a real nats-server, every service and the policy approver, with the world "
         "model; "
-        "--seed, --pool, --max-cases, --looks, --verify-reserve, --verify-cases, "
+        "--seed, --pool, --max-cases, --looks, --verify-reserve, --alpha, --verify-cases, "
         "--deterministic-share, --unevenness and --json apply too",
     )
     e2e.add_argument("--e2e", action="store_true", help="run through the real services")
@@ -1205,6 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_cases=args.max_cases,
                 looks=args.looks,
                 verify_reserve=args.verify_reserve,
+                alpha=args.alpha,
                 verify_cases=args.verify_cases,
             ),
             args.json,
@@ -1223,6 +1236,7 @@ def main(argv: list[str] | None = None) -> int:
         max_cases=args.max_cases,
         looks=args.looks,
         verify_reserve=args.verify_reserve,
+        alpha=args.alpha,
         futility_cp=args.futility_cp,
         verify_cases=args.verify_cases,
         deterministic_share=args.deterministic_share,

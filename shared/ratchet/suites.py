@@ -164,7 +164,7 @@ def import_bigbench(
     task_json_path: str | Path,
     *,
     name: str | None = None,
-    gate_size: int = 200,
+    gate_size: int = 220,
     holdout_size: int = 100,
     learn_size: int = 60,
     seed: int = 0,

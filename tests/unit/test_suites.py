@@ -152,8 +152,8 @@ def test_generator_runs_as_a_script(tmp_path: Path) -> None:
 
     assert ran.returncode == 0, ran.stderr
     suite = load_suite(out)
-    assert (len(suite.gate), len(suite.holdout), len(suite.learn)) == (160, 80, 41)
-    assert "160 gate + 80 holdout" in ran.stdout
+    assert (len(suite.gate), len(suite.holdout), len(suite.learn)) == (220, 80, 41)
+    assert "220 gate + 80 holdout" in ran.stdout
 
 
 def test_smoke_suite_is_four_and_four() -> None:
@@ -363,7 +363,7 @@ def test_real_bigbench_task_imports(task: str) -> None:
 def test_every_bigbench_task_imports_with_the_default_pools(task: str) -> None:
     suite = import_bigbench(BIGBENCH_DIR / task / "task.json")
 
-    assert (len(suite.gate), len(suite.holdout), len(suite.learn)) == (200, 100, 60)
+    assert (len(suite.gate), len(suite.holdout), len(suite.learn)) == (220, 100, 60)
     splits = [suite.learn, suite.gate, suite.holdout]
     inputs = [{c.input for c in split} for split in splits]
     assert sum(map(len, inputs)) == len(set().union(*inputs)), "the splits are disjoint"
@@ -404,20 +404,20 @@ def test_import_defaults_take_gate_then_holdout_then_learn(tmp_path: Path) -> No
     suite = import_bigbench(path)
     reference = import_bigbench(path, gate_size=400, holdout_size=0, learn_size=0)
 
-    assert (len(suite.gate), len(suite.holdout), len(suite.learn)) == (200, 100, 60)
+    assert (len(suite.gate), len(suite.holdout), len(suite.learn)) == (220, 100, 60)
     shuffled = [case.id for case in reference.gate]  # the same seeded order, all in one split
-    assert [c.id for c in suite.gate] == shuffled[:200]
-    assert [c.id for c in suite.holdout] == shuffled[200:300]
-    assert [c.id for c in suite.learn] == shuffled[300:360]
+    assert [c.id for c in suite.gate] == shuffled[:220]
+    assert [c.id for c in suite.holdout] == shuffled[220:320]
+    assert [c.id for c in suite.learn] == shuffled[320:380]
 
 
 def test_learn_may_come_up_short_but_gate_and_holdout_may_not(tmp_path: Path) -> None:
-    examples = [{"input": f"word{i} word", "target": f"word word{i}"} for i in range(320)]
+    examples = [{"input": f"word{i} word", "target": f"word word{i}"} for i in range(340)]
     path = write_task(tmp_path, {"description": "Sort.", "examples": examples})
 
     suite = import_bigbench(path)
-    assert (len(suite.gate), len(suite.holdout), len(suite.learn)) == (200, 100, 20)
-    with pytest.raises(ValueError, match=r"320 distinct examples.*gate_size \+ holdout_size"):
+    assert (len(suite.gate), len(suite.holdout), len(suite.learn)) == (220, 100, 20)
+    with pytest.raises(ValueError, match=r"340 distinct examples.*gate_size \+ holdout_size"):
         import_bigbench(path, gate_size=250)
 
 
@@ -523,7 +523,7 @@ def test_bad_import_arguments_are_refused(tmp_path: Path) -> None:
 
 
 def test_cli_import_defaults_and_message(tmp_path: Path) -> None:
-    examples = [{"input": f"What is {i} + 2?", "target": str(i + 2)} for i in range(330)]
+    examples = [{"input": f"What is {i} + 2?", "target": str(i + 2)} for i in range(350)]
     path = write_task(tmp_path, {"description": "Add.", "examples": examples})
     suites = tmp_path / "suites"
 
@@ -536,6 +536,6 @@ def test_cli_import_defaults_and_message(tmp_path: Path) -> None:
     )
 
     assert ran.returncode == 0, ran.stderr
-    assert "30 learn + 200 gate + 100 holdout" in " ".join(ran.stdout.split())
+    assert "30 learn + 220 gate + 100 holdout" in " ".join(ran.stdout.split())
     suite = load_suite(suites / "my_task.json")
     assert suite == import_bigbench(path, seed=3)

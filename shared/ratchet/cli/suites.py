@@ -41,7 +41,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     suite_import.add_argument("path")
     suite_import.add_argument("--name")
     suite_import.add_argument(
-        "--gate-size", type=int, default=200, help="gate pool cases (default 200)"
+        "--gate-size",
+        type=int,
+        default=220,
+        help="gate pool cases (default 220: the gate measures up to 200, and 20 are kept for the "
+        "check after applying)",
     )
     suite_import.add_argument(
         "--holdout-size", type=int, default=100, help="sealed holdout cases (default 100)"
