@@ -110,7 +110,10 @@ class Settings(BaseSettings):
 
     home: Path = Field(default=Path(".ratchet"), description="Where state lives: db, nats data.")
     store_url: str = Field(
-        default="", description='"sqlite:///path.db" or "mongodb://…"; empty = sqlite in home.'
+        default="",
+        description='Runs, failures and the audit trail: "" = SQLite in home (one host); '
+        '"sqlite:///path.db"; "postgresql://…" = PostgreSQL, shared by the services of several '
+        'hosts; "mongodb://…".',
     )
     checkpoint_url: str = Field(
         default="",

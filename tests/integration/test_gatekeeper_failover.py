@@ -1,7 +1,8 @@
-"""No single gatekeeper: two gatekeeper processes on one nats-server share PostgreSQL (checkpoints
-and run ledger), the audit trail (one store file) and the audit signing key. Killing the active
-one with SIGKILL while it measures, or while its change waits for approval, leaves the change to
-the standby, which finishes it exactly once.
+"""No single gatekeeper: two gatekeeper processes on one nats-server share one PostgreSQL database
+(checkpoints, run ledger and the store, so the audit trail too) and the audit signing key, and
+nothing on disk: each has a home of its own, as on two hosts. Killing the active one with SIGKILL
+while it measures, or while its change waits for approval, leaves the change to the standby, which
+finishes it exactly once.
 
 Every part is a real process on a real nats-server and a real PostgreSQL (``postgres`` fixture);
 the models are scripted (``scripted:prompt-sensitive``: a prompt asking for "only the final
@@ -42,12 +43,12 @@ FIX = "Answer the question. Reply with only the final answer, no other words."
 GATEKEEPERS = ("gatekeeper-a", "gatekeeper-b")
 
 
-def ha_settings(tmp_path: Path, checkpoint_url: str) -> Settings:
+def ha_settings(tmp_path: Path, postgres_url: str) -> Settings:
     return Settings(
         home=tmp_path / "home",
         nats_url=f"nats://127.0.0.1:{free_port()}",
-        store_url=f"sqlite:///{tmp_path / 'shared' / 'ratchet.db'}",  # the shared audit trail
-        checkpoint_url=checkpoint_url,
+        store_url=postgres_url,  # the shared audit trail: the PostgreSQL store
+        checkpoint_url=postgres_url,
         agent=ModelSettings(spec="scripted:prompt-sensitive"),
         judge=ModelSettings(spec="scripted:judge-yes"),
         ack_wait_s=5.0,  # a message held by a killed gatekeeper comes back after 5 s
@@ -67,9 +68,7 @@ class HaStack:
         self.homes: dict[str, Path] = {}
 
     def start(self, *, executor: bool) -> None:
-        settings = self.stack.settings
         self.stack.logs.mkdir(parents=True, exist_ok=True)
-        (settings.home.parent / "shared").mkdir(exist_ok=True)
         self.stack.start_nats()
         # one signing key for both: made once, copied to the standby (docs/deploy.md)
         first = self.home("gatekeeper-a")
@@ -257,7 +256,11 @@ async def assert_finished_once(
         rows = db.execute(
             "SELECT COUNT(*), COUNT(scored) FROM gate_runs WHERE change_id = %s", (change_id,)
         ).fetchone()
+        trail = db.execute(
+            "SELECT kind FROM audit WHERE change_id = %s ORDER BY seq", (change_id,)
+        ).fetchall()
     assert rows == (len(mine), len(mine))
+    assert [kind for (kind,) in trail] == kept_trail  # the trail is the PostgreSQL store's
 
 
 async def test_the_standby_finishes_a_change_whose_gatekeeper_died_measuring(

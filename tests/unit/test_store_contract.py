@@ -1,6 +1,7 @@
 """The store contract: every backend must pass this one suite (after LangGraph's checkpointer
-conformance tests). SQLite runs always, on a real file; MongoDB runs when ``MONGODB_URI`` is set,
-each test in a fresh database that is dropped afterwards.
+conformance tests). SQLite runs always, on a real file; PostgreSQL always too, on the tests' own
+server (``postgres_server``, tests/pg.py; skipped only where PostgreSQL is not installed); MongoDB
+when ``MONGODB_URI`` is set. On a server each test gets a fresh database, dropped afterwards.
 
 Tampering is done the way an attacker would: by writing the database directly, not through the
 store. That part knows each backend's layout; everything else goes through ``Store`` only.
@@ -22,7 +23,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
+from pg import LocalPostgres
 
 from ratchet.audit import (
     GENESIS_HASH,
@@ -37,6 +40,7 @@ from ratchet.audit import (
 )
 from ratchet.contracts import RunCompleted, RunContext, RunScored, TraceStep
 from ratchet.store import FailureQuery, FailureRecord, MongoStore, Store, open_store
+from ratchet.store.postgres import PostgresStore
 
 MONGODB_URI = os.environ.get("MONGODB_URI")
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -69,6 +73,27 @@ class SqliteBackend(Backend):
             db.execute("DELETE FROM audit WHERE seq = ?", (seq,))
 
 
+class PostgresBackend(Backend):
+    def __init__(self, server: LocalPostgres) -> None:
+        self.server = server
+        self.url = server.new_database()
+        self.database = urlsplit(self.url).path.removeprefix("/")
+
+    def _write(self, sql: str, params: tuple[object, ...]) -> None:
+        with psycopg.connect(self.url, autocommit=True) as db:
+            db.execute(sql, params)
+
+    def update_audit_row(self, seq: int, fields: dict[str, str]) -> None:
+        assignments = ", ".join(f"{name} = %s" for name in fields)
+        self._write(f"UPDATE audit SET {assignments} WHERE seq = %s", (*fields.values(), seq))
+
+    def delete_audit_row(self, seq: int) -> None:
+        self._write("DELETE FROM audit WHERE seq = %s", (seq,))
+
+    def drop(self) -> None:
+        self.server.psql(f"DROP DATABASE {self.database} WITH (FORCE)")
+
+
 class MongoBackend(Backend):
     def __init__(self, uri: str) -> None:
         from pymongo import MongoClient
@@ -91,6 +116,7 @@ class MongoBackend(Backend):
 @pytest.fixture(
     params=[
         "sqlite",
+        "postgres",
         pytest.param(
             "mongo",
             marks=pytest.mark.skipif(
@@ -102,6 +128,11 @@ class MongoBackend(Backend):
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
         yield SqliteBackend(tmp_path / "ratchet.db")
+        return
+    if request.param == "postgres":  # the server starts once, for the first test that needs it
+        postgres = PostgresBackend(request.getfixturevalue("postgres_server"))
+        yield postgres
+        postgres.drop()
         return
     assert MONGODB_URI is not None
     mongo = MongoBackend(MONGODB_URI)
@@ -299,6 +330,44 @@ async def test_failures_filter_by_problem_text(store: Store) -> None:
     ]
     assert [f.run_id for f in await store.failures(FailureQuery(problem="a.b"))] == ["regex-like"]
     assert await store.failures(FailureQuery(problem="a*b")) == []
+
+
+async def test_failures_at_one_instant_come_by_run_id_byte_order(store: Store) -> None:
+    """Ties on ``logged_at`` break by run id compared byte by byte, whatever the database's
+    locale would say (uppercase before lowercase, "-" before "_")."""
+    for run_id in ("run_c", "Run-b", "run-a", "run-d"):
+        await store.add_failure(failure(run_id, T0))
+
+    assert [f.run_id for f in await store.failures(FailureQuery())] == [
+        "run_c",
+        "run-d",
+        "run-a",
+        "Run-b",
+    ]
+
+
+async def test_problem_filter_folds_case_beyond_ascii(store: Store) -> None:
+    await store.add_failure(failure("fr", T0, problems=("Échec du calcul",)))
+    await store.add_failure(failure("en", T0 + timedelta(minutes=1), problems=("echec",)))
+
+    for needle in ("échec", "ÉCHEC", "Échec DU"):
+        assert [f.run_id for f in await store.failures(FailureQuery(problem=needle))] == ["fr"]
+
+
+async def test_a_problem_with_a_nul_character_is_kept_and_found(store: Store) -> None:
+    kept = failure("nul", T0, problems=("bad\x00byte", "fine"))
+    await store.add_failure(kept)
+
+    assert await store.failures(FailureQuery(problem="D\x00B")) == [kept]
+    assert await store.failures(FailureQuery(problem="bad byte")) == []
+
+
+async def test_a_failure_without_problems_is_kept_and_matches_no_problem(store: Store) -> None:
+    bare = failure("bare", T0, problems=())
+    assert await store.add_failure(bare) is True
+
+    assert await store.failures(FailureQuery()) == [bare]
+    assert await store.failures(FailureQuery(problem="a")) == []
 
 
 async def test_count_failures_by_task_since(store: Store) -> None:
@@ -771,7 +840,18 @@ async def test_mongodb_url_names_the_database(url: str, database: str) -> None:
     await store.close()
 
 
-@pytest.mark.parametrize("url", ["postgres://localhost/ratchet", "ratchet.db", "sqlite:///"])
+@pytest.mark.parametrize(
+    "url", ["postgresql://127.0.0.1:1/ratchet", "postgres://localhost/ratchet"]
+)
+async def test_postgres_urls_open_the_postgres_backend(url: str) -> None:
+    store = open_store(url)  # no server needed: the pool opens on first use
+
+    assert isinstance(store, PostgresStore)
+    assert store.url == url
+    await store.close()
+
+
+@pytest.mark.parametrize("url", ["postgre://localhost/ratchet", "ratchet.db", "sqlite:///"])
 def test_unusable_url_is_refused_with_the_accepted_forms(url: str) -> None:
     with pytest.raises(ValueError, match=r"sqlite:///path/to\.db"):
         open_store(url)
