@@ -28,6 +28,11 @@ PROMPTS_BUCKET = "prompts"
 PROMPTS_STREAM = f"KV_{PROMPTS_BUCKET}"  # the stream behind the bucket
 KEY_PREFIX = f"$KV.{PROMPTS_BUCKET}."  # + a task: where its versions are written
 PROMPT_SUBJECTS = f"{KEY_PREFIX}>"
+# Each stored write to the bucket, republished by the server with its headers only (the task in
+# the subject, its new version in Nats-Sequence): what prompt readers follow. A republished
+# message carries no reply subject, so no reader can answer the gatekeeper's write for the server.
+PROMPT_NOTICE_PREFIX = "prompts.written."
+PROMPT_NOTICES = f"{PROMPT_NOTICE_PREFIX}>"
 PROMPT_HISTORY = 64  # versions kept per task
 INBOX_ROOT = "_INBOX"
 APP_USER_PREFIX = "app-"

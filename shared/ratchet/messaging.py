@@ -23,14 +23,19 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, RePublish, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, BucketNotFoundError
 from pydantic import ValidationError
 
 from ratchet.contracts import DeadLetter, Event, RunCompleted, RunReported
 from ratchet.jetstream import EVENTS_STREAM as EVENTS_STREAM
 from ratchet.jetstream import INBOX_ROOT as INBOX_ROOT
-from ratchet.jetstream import PROMPT_HISTORY, until_answered
+from ratchet.jetstream import (
+    PROMPT_HISTORY,
+    PROMPT_NOTICES,
+    PROMPT_SUBJECTS,
+    until_answered,
+)
 from ratchet.jetstream import PROMPTS_BUCKET as PROMPTS_BUCKET
 from ratchet.jetstream import PUBLISH_RETRY_S as PUBLISH_RETRY_S
 from ratchet.jetstream import dedup_headers as dedup_headers
@@ -53,6 +58,8 @@ DLQ_MAX_BYTES = 1024**3
 # The prompt bucket's consumers: readers follow it without one (ratchet.prompts.PromptFollower)
 # and may not create any; the cap stays as a second line.
 PROMPTS_MAX_CONSUMERS = 256
+# Every stored write to the prompt bucket, republished headers-only for the readers to follow.
+PROMPT_REPUBLISH = RePublish(src=PROMPT_SUBJECTS, dest=PROMPT_NOTICES, headers_only=True)
 QUERY_PREFIX = "query"  # request/reply subjects, outside every stream
 # The gatekeepers' leases (KV): one gatekeeper works a change at a time; a lease not renewed
 # for LEASE_TTL_S (its holder died) expires on the server. Shorter than ack_wait_s (30 s), so a
@@ -116,9 +123,11 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
             direct=True,  # readers get entries directly (PromptFollower), from any replica
             storage=StorageType.FILE,
             replicas=replicas,
+            republish=PROMPT_REPUBLISH,
         ),
         max_consumers=PROMPTS_MAX_CONSUMERS,
-        allow_direct=True,  # and a bucket made before that learns it
+        allow_direct=True,  # and a bucket made before that learns them
+        republish=PROMPT_REPUBLISH,
     )
     await _ensure_lease_bucket(js, replicas)
 

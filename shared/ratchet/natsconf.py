@@ -63,7 +63,7 @@ from ratchet.contracts import (
     RunRequested,
     RunScored,
 )
-from ratchet.jetstream import PROMPT_SUBJECTS, PROMPTS_STREAM, app_user
+from ratchet.jetstream import PROMPT_NOTICES, PROMPTS_STREAM, app_user
 from ratchet.messaging import (
     DLQ_PREFIX,
     EVENTS_STREAM,
@@ -332,15 +332,17 @@ def permissions(user: str, role: Role) -> dict[str, object]:
             dead_letter_subject(subject),
         ]
     subscribe = [f"{inbox_prefix(user)}.>", *role.subscribe]
-    if role.reads_prompts:  # direct gets and message gets, and the writes passing by
+    if role.reads_prompts:  # direct gets and message gets, and the server's notices of writes
         # No consumer on the bucket for a reader: the server cannot check what a consumer
         # request asks for (its delivery subject, how long it lives), so readers follow the
-        # prompts without one (ratchet.prompts.PromptFollower).
+        # prompts without one (ratchet.prompts.PromptFollower). Nor the writes themselves
+        # ($KV.prompts.>): they carry the gatekeeper's reply subject, which a reader that may
+        # answer requests (allow_responses) could answer in the server's place.
         publish += [
             f"{JS_API}.DIRECT.GET.{KV_STREAM}.>",
             f"{JS_API}.STREAM.MSG.GET.{KV_STREAM}",
         ]
-        subscribe.append(PROMPT_SUBJECTS)
+        subscribe.append(PROMPT_NOTICES)
     rules: dict[str, object] = {
         "publish": {"allow": publish},
         "subscribe": {"allow": subscribe},

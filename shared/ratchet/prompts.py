@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ratchet.jetstream import (
     KEY_PREFIX,
     PROMPT_HISTORY,
+    PROMPT_NOTICE_PREFIX,
+    PROMPT_NOTICES,
     PROMPT_SUBJECTS,
     PROMPTS_BUCKET,
     PROMPTS_STREAM,
@@ -36,8 +38,9 @@ from ratchet.jetstream import (
 log = logging.getLogger("ratchet.prompts")
 
 DEFAULT_PROMPT = "Complete the user's task."
-RESYNC_S = 15.0  # how often a follower checks that it missed no write (while disconnected)
-NOTICE_TRIES = 20  # reads of a key after a write passed by, NOTICE_WAIT_S apart, until it shows
+RESYNC_S = 15.0  # how often a follower checks that it missed no write
+RECONNECT_CHECK_S = 0.5  # how soon after a reconnect it reads everything again
+NOTICE_TRIES = 20  # reads of a key after a notice, NOTICE_WAIT_S apart, until a replica has it
 NOTICE_WAIT_S = 0.05
 
 
@@ -121,14 +124,14 @@ class PromptFollower:
 
     Readers may not create consumers on the bucket: the server cannot check what a consumer
     request asks for (its delivery subject, how long it lives), so one reader could fill the
-    bucket's consumer limit or have prompts delivered onto subjects it may not publish. Instead a
-    reader subscribes to the bucket's subjects in core NATS, where every write passes by, and
-    reads the written key again with a direct get: the message seen in passing is only a hint
-    (a compare-and-set write the stream refused passes by as well), the stored entry is the
-    truth. A snapshot at start (the bucket's keys from stream info) and a cheap check every
-    ``resync_s`` (has the stream's last sequence moved?) catch whatever passed by while the
-    connection was down. Versions only move forward, so a read from a lagging replica cannot
-    take one back.
+    bucket's consumer limit or have prompts delivered onto subjects it may not publish. Instead
+    the bucket republishes each stored write, headers only, on ``prompts.written.<task>`` (its new
+    version in ``Nats-Sequence``), and a reader reads that key again with a direct get. The notice
+    is only a hint; the stored entry is the truth. A snapshot at start (the bucket's keys from
+    stream info), a new one after every reconnect (what was written meanwhile was not noticed),
+    and a cheap check every ``resync_s`` (has the stream's last sequence moved?) catch what a
+    notice missed. Versions only move forward, so a read from a lagging replica cannot take one
+    back.
     """
 
     def __init__(
@@ -144,14 +147,16 @@ class PromptFollower:
         self._resync_s = resync_s
         self._versions: dict[str, int] = {}
         self._last_seq = -1
+        self._reconnects = 0
         self._sub: Subscription | None = None
         self._sync_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Subscribe first (so no write slips between the snapshot and the subscription), then
         read every task's current prompt."""
-        self._sub = await self._nc.subscribe(PROMPT_SUBJECTS, cb=self._notice)
+        self._sub = await self._nc.subscribe(PROMPT_NOTICES, cb=self._notice)
         try:
+            self._reconnects = self._nc.stats["reconnects"]
             await self.resync()
         except BaseException:
             await self.stop()
@@ -179,17 +184,17 @@ class PromptFollower:
             self._apply(gone, None)
         self._last_seq = info.state.last_seq
 
-    async def refresh(self, task: str, *, after: int | None = None) -> None:
-        """Read ``task``'s current prompt. ``after``: the version a write was based on, so the
-        read is repeated (a moment apart, ``NOTICE_TRIES`` times) until the store holds a newer
-        one; a refused write never gets there, and the last read stands."""
+    async def refresh(self, task: str, *, at_least: int | None = None) -> None:
+        """Read ``task``'s current prompt. ``at_least``: the version a notice announced, so a
+        read from a replica that has not stored it yet is repeated (a moment apart,
+        ``NOTICE_TRIES`` times); then the last read stands and the next check catches up."""
         for attempt in range(NOTICE_TRIES):
             try:
                 stored = await read_current(self._js, task)
             except ValidationError as exc:  # keep serving the last good version
                 log.error("prompt %s: the stored version is malformed: %s", task, exc)
                 return
-            if after is None or (stored is not None and stored.version > after):
+            if at_least is None or stored is None or stored.version >= at_least:
                 break
             if attempt < NOTICE_TRIES - 1:
                 await asyncio.sleep(NOTICE_WAIT_S)
@@ -209,26 +214,37 @@ class PromptFollower:
         self._on_version(task, stored)
 
     async def _notice(self, msg: Msg) -> None:
-        """A write passed by: read the key again (the message itself is not trusted)."""
-        task = msg.subject.removeprefix(KEY_PREFIX)
-        headers = msg.headers or {}
-        deleted = headers.get("KV-Operation") in (KV_DEL, KV_PURGE)
-        expected = headers.get("Nats-Expected-Last-Subject-Sequence", "")
-        after = int(expected) if expected.isdigit() and not deleted else None
+        """A write was stored: read the key again (the notice itself is only a hint)."""
+        task = msg.subject.removeprefix(PROMPT_NOTICE_PREFIX)
+        sequence = (msg.headers or {}).get("Nats-Sequence", "")
         try:
-            await self.refresh(task, after=after)
-        except Exception as exc:  # the next resync reads it again
+            await self.refresh(task, at_least=int(sequence) if sequence.isdigit() else None)
+        except Exception as exc:  # the next check reads it again
             log.warning("prompt %s changed but could not be read: %r", task, exc)
 
     async def _keep_in_sync(self) -> None:
+        """After a reconnect, read everything again at once; otherwise every ``resync_s``, read
+        again if the stream's last sequence moved (a notice was missed)."""
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         while True:
-            await asyncio.sleep(self._resync_s)
+            await asyncio.sleep(RECONNECT_CHECK_S)
+            reconnects = self._nc.stats["reconnects"]
+            due = loop.time() - checked >= self._resync_s
+            if reconnects == self._reconnects and not due:
+                continue
             try:
-                info = await self._js.stream_info(PROMPTS_STREAM)
-                if info.state.last_seq != self._last_seq:
+                if reconnects != self._reconnects:
                     await self.resync()
+                else:
+                    info = await self._js.stream_info(PROMPTS_STREAM)
+                    if info.state.last_seq != self._last_seq:
+                        await self.resync()
+                self._reconnects = reconnects
+                checked = loop.time()
             except Exception as exc:  # disconnected: serve what we have, try again later
                 log.warning("cannot check the prompt store: %r", exc)
+                checked = loop.time()
 
 
 class PromptReader:

@@ -11,11 +11,11 @@ by a :class:`FailuresPage`), each failure whole.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal, Self, TypeVar
 
 from faststream.nats import NatsResponse
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from ratchet.contracts import (
     MAX_MESSAGE_BYTES,
@@ -25,6 +25,7 @@ from ratchet.contracts import (
     ChangeProposed,
     Check,
     GateStage,
+    RunId,
 )
 from ratchet.store import AuditRecord, FailureQuery, FailureRecord
 
@@ -32,6 +33,8 @@ REPLY_BYTES = MAX_MESSAGE_BYTES  # like every message: room for headers under NA
 TRIMMED_HEADER = "Ratchet-Trimmed"
 MAX_FAILURES_PER_QUERY = 1_000  # what one query.failures or query.groups reads from the store
 REPLY_TEXT_CHARS = (4_000, 1_000, 250)  # tried in turn when a reply's items do not fit
+MIN_KEY_TIME = datetime(1970, 1, 1, tzinfo=UTC)  # a failure key's time: what the stores can hold
+MAX_KEY_TIME = datetime(9000, 1, 1, tzinfo=UTC)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -95,7 +98,15 @@ class FailureKey(BaseModel):
     ``logged_at``, then by ``run_id``, both descending (how the stores sort them)."""
 
     logged_at: AwareDatetime
-    run_id: str
+    run_id: RunId
+
+    @field_validator("logged_at")
+    @classmethod
+    def _within_the_calendar(cls, value: datetime) -> datetime:
+        """A key the stores can compare: in UTC, with room for the microsecond past it."""
+        if not MIN_KEY_TIME <= value <= MAX_KEY_TIME:
+            raise ValueError(f"logged_at must be between {MIN_KEY_TIME} and {MAX_KEY_TIME}")
+        return value.astimezone(UTC)
 
     @classmethod
     def of(cls, failure: FailureRecord) -> Self:

@@ -217,9 +217,12 @@ def predicted_change_id(failure_run_ids: list[str]) -> str:
 
 
 def forged_runs(change_id: str, arms: tuple[str, ...]) -> list[RunRequested]:
-    """Live runs dressed as the change's gate runs, in every id format the forger can guess:
-    the old ``<change>.<arm>.<case>``, and today's ``<change>.<nonce>.measure.<arm>.<case>.0``
-    with made-up nonces. The candidate arm gets the candidate prompt and a check that passes
+    """Live runs dressed as the change's gate runs, with the change, arm and case in their
+    context, under ids of the shapes gate runs had before they started with ``gate:``
+    (``<change>.<arm>.<case>``, ``<change>.<nonce>.measure.<arm>.<case>.0``), which no live run
+    can take any more (``test_a_client_cannot_take_the_gate_run_ids_it_reads``): what this
+    shows is that live runs claiming a gate context, with checks the forger chose, never count.
+    The candidate arm gets the candidate prompt and a check that passes
     anything; the current arm a check that passes nothing."""
     nonces = ["0" * 32, secrets.token_hex(16)]
     forged = []

@@ -32,7 +32,7 @@ from ratchet.contracts import (
     RunReported,
     RunScored,
 )
-from ratchet.jetstream import app_user
+from ratchet.jetstream import PROMPT_NOTICE_PREFIX, app_user
 from ratchet.messaging import EVENTS_STREAM, LEASE_BUCKET, PROMPTS_BUCKET, connect
 from ratchet.natsconf import (
     CONSOLE,
@@ -218,10 +218,15 @@ def _matrix(table: dict[str, Role]) -> list[Act]:
             Act("publish", subject, names(subject)),
             Act("subscription", subject, hears(subject)),
         ]
+    # the writes themselves carry the gatekeeper's reply subject: nobody hears them; readers
+    # follow the server's headers-only notices of stored writes, which nobody may publish
     prompt_key = f"$KV.{PROMPTS_BUCKET}.answer-only"
+    notice = f"{PROMPT_NOTICE_PREFIX}answer-only"
     acts += [
         Act("publish", prompt_key, names(prompt_key)),
-        Act("subscription", prompt_key, reader),
+        Act("subscription", prompt_key, nobody),
+        Act("publish", notice, nobody),
+        Act("subscription", notice, reader),
     ]
     for subject in events:
         letter = f"dlq.{subject}"

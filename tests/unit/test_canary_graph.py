@@ -299,6 +299,34 @@ async def test_a_reviewer_stops_a_canary_by_rejecting_the_change(harness: Harnes
     assert await h.ledger.unfinished() == []
 
 
+async def test_a_rejection_wins_over_a_verdict_the_thread_has_not_taken(harness: Harness) -> None:
+    """Found in review: the test had decided "not worse" (a crash, or another gatekeeper's
+    lease, kept the thread from taking it), a reviewer rejected, and the change was promoted
+    with "canary_stopped" in its trail. A person's rejection wins: rolled back, said once."""
+    h = harness
+    change = proposal(GOOD)
+    approved = await propose_and_approve(h, change)
+    traffic = better_traffic(400)
+    decided_at, expected = deciding_run(traffic)
+    for score in traffic[:decided_at]:  # counted, decided, not taken (no finish_canary)
+        await h.ledger.count_live(score)
+    tally = await h.ledger.canary(change.change_id)
+    assert tally is not None and tally.decided == expected and expected.verdict == "not_worse"
+
+    stop = ChangeRejected(
+        change_id=change.change_id, reason="stop it", evidence_sha256=approved.evidence_sha256
+    )
+    assert await h.runner.on_decision(stop, approved=False, approver="bob") is True
+
+    assert events(h, ChangePromoted, change.change_id) == []
+    [event] = events(h, ChangeCanaryRolledBack, change.change_id)
+    assert event.stats.verdict == "stopped"
+    assert h.prompts.latest(TASK).record.kind == "rollback"
+    kinds = await h.kinds(change.change_id)
+    assert kinds[-2:] == ["canary_stopped", "canary_rolled_back"]
+    assert kinds.count("canary_stopped") == 1
+
+
 async def test_a_canary_not_shown_no_worse_within_its_runs_is_rolled_back(
     harness: Harness,
 ) -> None:

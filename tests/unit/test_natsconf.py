@@ -333,7 +333,7 @@ def test_an_app_may_read_prompts_and_publish_its_own_runs_and_nothing_else(
         assert events == [f"run.reported.{name}"], user
         assert not [s for s in allow if s.startswith((f"{QUERY_PREFIX}.", "$KV."))], user
         assert not [s for s in allow if ".CONSUMER." in s], user
-        assert subscribe_allow(users_, user) == [f"_INBOX_{user}.>", f"$KV.{PROMPTS_BUCKET}.>"]
+        assert subscribe_allow(users_, user) == [f"_INBOX_{user}.>", "prompts.written.>"]
         assert "allow_responses" not in users_[user]["permissions"]
 
 

@@ -303,7 +303,9 @@ class GateLedger:
 
     async def stop_canary(self, change_id: str) -> CanaryTally | None:
         """A reviewer stopped the change's canary: its verdict is "stopped" with the counts so
-        far, unless the test decided first (then that verdict stands). None without a canary."""
+        far, also over a verdict of the test's that the change's thread has not taken yet (a
+        person's rejection wins; the caller works the change, so nobody is taking it meanwhile).
+        A finished canary stays as it ended. None without a canary."""
         async with self.db.transaction() as tx:
             rows = await tx.fetchall(
                 f"SELECT {_TALLY_COLUMNS} FROM canaries WHERE change_id = ?{self.db.lock_rows}",
@@ -312,7 +314,7 @@ class GateLedger:
             if not rows:
                 return None
             tally = _tally(rows[0])
-            if tally.decided is not None or tally.finished:
+            if tally.finished or (tally.decided is not None and tally.decided.verdict == "stopped"):
                 return tally
             stopped = replace(
                 tally, decided=tally.stats().model_copy(update={"verdict": "stopped"})

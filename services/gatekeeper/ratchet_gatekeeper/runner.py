@@ -156,6 +156,9 @@ class GateRunner:
                 "resuming change %s at %s: its work was cut off", decision.change_id, pending
             )
             await self.graph.ainvoke(None, self.config(decision.change_id))
+            _, pending = await self.status(decision.change_id)
+            if pending == ("canary_verdict",) and not approved:  # now in canary: stop it
+                await self._stop_canary(decision, approver)
             return True
         if pending == ("canary_verdict",):  # decided: the change is in canary now
             if not approved:  # a reviewer stops it: rolled back like a canary shown worse
@@ -167,8 +170,12 @@ class GateRunner:
         return False
 
     async def _stop_canary(self, decision: ChangeDecision, approver: str) -> None:
-        """A rejection while the change is in canary stops the canary: audited with who and
-        why, then the canary ends as if its test had decided, with verdict "stopped"."""
+        """A rejection while the change is in canary stops the canary, even one whose test has
+        decided but whose thread has not taken the verdict yet: the verdict becomes "stopped"
+        in the ledger, the stop is audited with who and why, and the change ends rolled back."""
+        tally = await self.gate.ledger.stop_canary(decision.change_id)
+        if tally is None or tally.finished:
+            return
         await self.gate.audit(
             decision.change_id,
             "canary_stopped",
@@ -176,7 +183,6 @@ class GateRunner:
             actor=approver,
             key=decision.id,
         )
-        await self.gate.ledger.stop_canary(decision.change_id)
         # the thread is ours (working): take the verdict now, as finish_canary would
         tally = await self.gate.ledger.canary(decision.change_id)
         if tally is not None and tally.decided is not None and not tally.finished:

@@ -117,7 +117,6 @@ class Ratchet:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._follower: PromptFollower | None = None
-        self._resyncs: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
@@ -240,7 +239,7 @@ class Ratchet:
     async def _follow_prompts(self, nc: Client) -> None:
         """Follow the prompt bucket (:class:`PromptFollower`); until the first snapshot is read
         (not connected yet, no bucket yet), keep trying. Once it runs, it reads whatever
-        changed while the connection was down at its next check."""
+        changed while the connection was down as soon as it is back."""
         delay = RETRY_FIRST_S
         while True:
             follower = PromptFollower(nc, self._apply)
@@ -401,7 +400,7 @@ class Ratchet:
             return self._pending
         self._closed = True
         left = await self.flush(timeout) if timeout > 0 else self._pending
-        await asyncio.gather(*(_stop(task) for task in [*self._tasks, *self._resyncs]))
+        await asyncio.gather(*(_stop(task) for task in self._tasks))
         if self._follower is not None:
             await self._follower.stop()
         if self._nc is not None and not self._nc.is_closed:
@@ -476,17 +475,7 @@ class Ratchet:
             log.warning("disconnected from NATS: serving the last prompts seen, queueing reports")
 
     async def _on_reconnected(self) -> None:
-        log.info("reconnected to NATS")
-        if self._follower is not None and not self._closed:  # read what changed meanwhile
-            resync = asyncio.create_task(self._resync(self._follower))
-            self._resyncs.add(resync)
-            resync.add_done_callback(self._resyncs.discard)
-
-    async def _resync(self, follower: PromptFollower) -> None:
-        try:
-            await follower.resync()
-        except Exception as exc:  # its next periodic check tries again
-            self._note("watch", f"cannot read the prompts after reconnecting: {exc!r}")
+        log.info("reconnected to NATS")  # the prompt follower reads what changed meanwhile
 
     def _note(self, kind: str, message: str) -> None:
         """A warning, at most once per ``LOG_EVERY_S`` of each kind (a server down for an hour

@@ -154,6 +154,8 @@ class PostgresStore(Store):
                     max_size=POOL_MAX,
                     kwargs={"autocommit": True},
                     open=False,
+                    # a connection the server dropped (a restart) is replaced before use
+                    check=AsyncConnectionPool.check_connection,
                 )
                 try:
                     await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
