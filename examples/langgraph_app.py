@@ -1,6 +1,6 @@
 """A small LangGraph app (a model node and a calculator tool) instrumented with Ratchet's SDK.
 
-It serves Ratchet's task prompt for each run (``ratchet.prompt(task, key=user)``: watched,
+It serves Ratchet's task prompt for each run (``ratchet.prompt(task, key=user)``: followed,
 cached, composed with the pinned rules, one version per user while a change is in canary) and
 reports every run with one line, the callback in ``graph.ainvoke(..., config={"callbacks":
 [ratchet.tracer(...)]})``. Ratchet then scores the runs, learns from the failures and rolls

@@ -4,7 +4,7 @@ runs in your own application.
     from ratchet.sdk import Ratchet
 
     ratchet = await Ratchet.connect(["nats://ratchet:4222"], app="shop", password=...)
-    served = ratchet.prompt("qa", key=user_id)  # microseconds: watched and cached in memory
+    served = ratchet.prompt("qa", key=user_id)  # microseconds: followed and cached in memory
     answer = await my_agent(system=served.system, question=question)
     ratchet.report(task="qa", input=question, output=answer, prompt=served)  # queued, not sent
     await ratchet.close()  # delivers what is queued

@@ -3,10 +3,11 @@
 Everything an app calls on a request's path is cheap and never waits on the network:
 :meth:`Ratchet.prompt` reads a version composed ahead of time (microseconds), and
 :meth:`Ratchet.report` validates the run, cuts it to the limits and puts it on a bounded queue.
-Background tasks do the rest: a KV watch keeps the prompts current, and senders publish the
-queued runs to JetStream and wait for each ack, retrying with bounded backoff while NATS is
-away. The connection reconnects forever. Nothing queued is lost while the process lives; a full
-queue refuses new reports, and says how many (:attr:`Stats.dropped`, and a log line).
+Background tasks do the rest: a prompt follower (:class:`ratchet.prompts.PromptFollower`) keeps
+the prompts current, and senders publish the queued runs to JetStream and wait for each ack,
+retrying with bounded backoff while NATS is away. The connection reconnects forever. Nothing
+queued is lost while the process lives; a full queue refuses new reports, and says how many
+(:attr:`Stats.dropped`, and a log line).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class PromptCache:
         return Prompt(text, system, version, sha256_text(text), self.rules.sha256)
 
     def update(self, stored: PromptVersion) -> None:
-        """A version arrived (from the watch or the cache file): serve it from now on."""
+        """A version arrived (from the prompt store or the cache file): serve it from now on."""
         canary = stored.record.canary
         stable = (
             None if canary is None else self._compose(canary.stable_text, canary.stable_version)
