@@ -30,6 +30,7 @@ from test_supervisor import STACK, Up, descendants, linux_only, wait_gone
 
 from ratchet.cli.up import start_stack
 from ratchet.contracts import Check, RunCompleted, RunRequested, RunScored
+from ratchet.jetstream import NOT_ANSWERED
 from ratchet.messaging import (
     DLQ_STREAM,
     EVENTS_STREAM,
@@ -69,9 +70,25 @@ async def admin(nats: LocalNats) -> Client:
     return nc
 
 
-async def read_stream(nc: Client, stream: str, subject: str) -> list[bytes]:
+async def read_stream(
+    nc: Client, stream: str, subject: str, *, within: float = PUBLISH_RETRY_S
+) -> list[bytes]:
     """Every message of ``stream`` on ``subject`` (a filter), read back from the first with an
-    ephemeral consumer: what the stream holds, whoever heard it live."""
+    ephemeral consumer: what the stream holds, whoever heard it live. On a cluster just after
+    its nodes were killed, the stream or the new consumer may still be electing a leader (the
+    server answers 503): read again from the start, with a fresh consumer, for up to
+    ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await _read_stream_once(nc, stream, subject)
+        except NOT_ANSWERED:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
+
+
+async def _read_stream_once(nc: Client, stream: str, subject: str) -> list[bytes]:
     js = nc.jetstream()
     total = (await js.stream_info(stream, subjects_filter=subject)).state.subjects or {}
     expected = sum(total.values())
