@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -47,13 +48,10 @@ import time
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated, Any, TypedDict, cast
+from typing import Any, cast
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AnyMessage, HumanMessage, SystemMessage
-from langgraph.graph import END, START, StateGraph
-from langgraph.graph.message import add_messages
-from langgraph.prebuilt import ToolNode, tools_condition
+from langchain_core.messages import HumanMessage, SystemMessage
 
 from ratchet.contracts import Check, RunReported, TraceStep
 from ratchet.jetstream import EVENTS_STREAM, app_user
@@ -65,7 +63,6 @@ from ratchet.rules import load_rules
 from ratchet.sdk import Prompt, PromptCache, Ratchet, build_report
 from ratchet.sdk.langchain import RatchetTracer
 from ratchet.settings import ModelSettings, Settings
-from ratchet.tools import get_tools
 
 APP = "bench"
 PLAIN, CANARY = "plain", "canaried"
@@ -218,25 +215,18 @@ ARMS = ("plain", "no-op handler", UNSENT, "tracer")
 TRACER_ADDS = "tracer - plain (what the SDK adds, all in)"
 
 
-class State(TypedDict):
-    messages: Annotated[list[AnyMessage], add_messages]
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "langgraph_app.py"
 
 
 def build_graph() -> Any:
-    """The example app's graph: a model node, and the calculator while the model asks for it."""
-    tools = get_tools(["calculator"])
-    bound = make_chat_model(ModelSettings(spec=MODEL)).bind_tools(tools)
-
-    async def call_model(state: State) -> dict[str, list[AnyMessage]]:
-        return {"messages": [await bound.ainvoke(state["messages"])]}
-
-    graph = StateGraph(State)
-    graph.add_node("model", call_model)
-    graph.add_node("tools", ToolNode(tools))
-    graph.add_edge(START, "model")
-    graph.add_conditional_edges("model", tools_condition, ["tools", END])
-    graph.add_edge("tools", "model")
-    return graph.compile()
+    """The example app's graph itself (``examples/langgraph_app.py``: a model node, and the
+    calculator while the model asks for it), on the FAKE model."""
+    spec = importlib.util.spec_from_file_location("langgraph_app", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # LangGraph resolves the state's annotations through it
+    spec.loader.exec_module(example)
+    return example.build_graph(make_chat_model(ModelSettings(spec=MODEL)))
 
 
 class NoOp(BaseCallbackHandler):
