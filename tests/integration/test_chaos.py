@@ -166,27 +166,39 @@ class Changes:
         worked all the same (the reply lost, or the publish still riding out an election for
         up to ``PUBLISH_RETRY_S``), and asking again would propose a second change from newer
         failures: so the stream is watched for the proposer's change first, and one that
-        arrives is the change. The final count checks that no second one was made anyway."""
+        arrives is the change (heard live, else read back from the stream). The final count
+        checks that no second one was made anyway. A refusal (the failure store may not hold
+        enough failures yet) is asked again a second later, until ``PROPOSE_S``."""
         assert not await proposer_changes(admin_nc)
+        arrived: asyncio.Queue[str] = asyncio.Queue()
+
+        async def on_proposed(msg: Msg) -> None:
+            arrived.put_nowait(str(json.loads(msg.data)["change_id"]))
+
+        heard = await admin_nc.subscribe(ChangeProposed.subject_of(PROPOSER), cb=on_proposed)
+        await admin_nc.flush()
         deadline = time.monotonic() + PROPOSE_S
-        while True:
-            ran = await asyncio.to_thread(cli, self.stack, "propose", TASK)
-            if ran.returncode == 0:
-                self.propose_attempts.append("proposed")
-                self.proposers = ran.stdout.split()[2]  # "proposed change <id> for ..."
-                return
-            unanswered = "did not answer" in ran.stderr
-            self.propose_attempts.append("unanswered" if unanswered else "refused")
-            if unanswered:
-                wait_until = time.monotonic() + PUBLISH_RETRY_S + 10
-                while time.monotonic() < wait_until:
+        try:
+            while True:
+                ran = await asyncio.to_thread(cli, self.stack, "propose", TASK)
+                if ran.returncode == 0:
+                    self.propose_attempts.append("proposed")
+                    self.proposers = ran.stdout.split()[2]  # "proposed change <id> for ..."
+                    return
+                unanswered = "did not answer" in ran.stderr
+                self.propose_attempts.append("unanswered" if unanswered else "refused")
+                if unanswered:
+                    with contextlib.suppress(TimeoutError):
+                        self.proposers = await asyncio.wait_for(arrived.get(), PUBLISH_RETRY_S + 10)
+                        return
                     if found := await proposer_changes(admin_nc):
                         self.proposers = found[0]
                         return
-                    await asyncio.sleep(0.5)
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the proposer proposed nothing: {ran.stderr}")
-            await asyncio.sleep(1)  # a refusal: the failure store may not hold enough yet
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the proposer proposed nothing: {ran.stderr}")
+                await asyncio.sleep(1)  # the pace of asking again after a refusal
+        finally:
+            await heard.unsubscribe()
 
     async def follow(self, nc: Client) -> bool:
         """Approve what waits (the proposer's change once the client's was applied); whether
